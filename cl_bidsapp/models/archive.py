@@ -68,8 +68,8 @@ def check_zip_entries(zf: zipfile.ZipFile, label: str = "zip",
         if ".." in pure.parts:
             raise InputDataError(f"zip entry {name!r} points outside the destination ('..'); "
                                  "refusing to extract", path=label)
-        mode = info.external_attr >> 16
-        if stat.S_ISLNK(mode) or (mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
+        file_type = stat.S_IFMT(info.external_attr >> 16)  # 0 when the zip records no type
+        if file_type not in (0, stat.S_IFREG, stat.S_IFDIR):
             raise InputDataError(f"zip entry {name!r} is a symbolic link or special file; "
                                  "refusing to extract", path=label)
         if info.is_dir():
