@@ -1,0 +1,151 @@
+"""``cl-bidsapp`` entry point: parse, check, plan, run the participant and/or group level.
+
+Every failure becomes a short message naming the file and the problem, and an exit code from
+the BIDS-Apps spec; an unexpected error writes its traceback to a crash file and says where.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+from cl_bidsapp import __version__
+from cl_bidsapp.errors import CLBidsAppError, ExitCode, NoFilesSelected, UsageError
+
+LOGGER = logging.getLogger("cl_bidsapp")
+
+
+def setup_logging(verbosity: int) -> None:
+    level = logging.WARNING - 10 * min(verbosity + 1, 2)  # 0 -> INFO, 1+ -> DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s | %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("cl_bidsapp")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    # quiet chatty libraries unless debugging
+    for name in ("nipype.workflow", "nipype.interface", "nipype.utils", "bids"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbosity > 1 else logging.WARNING)
+
+
+def _say_error(err: CLBidsAppError) -> None:
+    print(f"cl-bidsapp: error: {err}", file=sys.stderr)
+
+
+def _crash_report(exc: BaseException, settings) -> Path | None:
+    """Write the traceback of an unexpected error to a file; return its path."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    candidates = []
+    if settings is not None:
+        candidates.append(settings.effective_work_dir() / "crash")
+    candidates.append(Path.cwd())
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    for folder in candidates:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"crash-{stamp}-cl-bidsapp.txt"
+            path.write_text(f"cl-bidsapp {__version__}\n{' '.join(sys.argv)}\n\n{text}")
+            return path
+        except OSError:
+            continue
+    return None
+
+
+def plan(settings):
+    """Index the dataset, check labels and filters, discover the work items."""
+    from cl_bidsapp.bids.discovery import check_filters, check_labels, discover, missing_content
+    from cl_bidsapp.bids.layout import load_layout
+
+    t0 = time.monotonic()
+    layout = load_layout(settings.bids_dir, settings.bids_database_dir)
+    LOGGER.info("Indexed %s in %.1f s", settings.bids_dir, time.monotonic() - t0)
+    check_labels(layout, settings.participant_label, settings.session_label)
+    filters = None
+    if settings.bids_filters:
+        filters = check_filters(settings.bids_filters, set(layout.get_entities()),
+                                source=settings.bids_filter_file)
+    items = discover(layout, settings.participant_label, settings.session_label, filters)
+    if not items:
+        what = "the BIDS filter file's queries" if filters else "the input queries"
+        raise NoFilesSelected(
+            f"{what} selected no MP2RAGE UNI (UNIT1) or T1w image", path=settings.bids_dir,
+            hint="check --participant-label/--session-label and --bids-filter-file; "
+                 "inputs are anat/*_UNIT1 or anat/*_T1w NIfTI files")
+    missing_content(items)
+    return layout, items
+
+
+def run(settings) -> int:
+    from cl_bidsapp.bids.layout import read_dataset_description
+
+    read_dataset_description(settings.bids_dir)
+    layout, items = plan(settings)
+    subjects = sorted({it.subject for it in items})
+    LOGGER.info("Work plan: %d image(s) from %d participant(s)", len(items), len(subjects))
+
+    if not settings.skip_bids_validation:
+        from cl_bidsapp.bids.validation import validate
+
+        validate(settings.bids_dir, subjects)
+
+    if settings.dry_run:
+        from cl_bidsapp.bids.discovery import plan_table
+
+        print(plan_table(items, root=settings.bids_dir))
+        return ExitCode.OK
+
+    from cl_bidsapp.cli.parser import check_writable
+
+    check_writable(settings.output_dir, "output folder")
+    if "participant" in settings.levels:
+        check_writable(settings.effective_work_dir(), "work folder")
+    failures = 0
+    if "participant" in settings.levels:
+        failures += run_participant(settings, items)
+    if "group" in settings.levels:
+        failures += run_group(settings)
+    return ExitCode.UNSPECIFIED if failures else ExitCode.OK
+
+
+def run_participant(settings, items) -> int:
+    raise UsageError(f"the participant level is not available yet in cl-bidsapp {__version__} "
+                     "(only --dry-run planning is)")
+
+
+def run_group(settings) -> int:
+    raise UsageError(f"the group level is not available yet in cl-bidsapp {__version__}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the exit code."""
+    from cl_bidsapp.cli.parser import parse_args
+
+    settings = None
+    try:
+        settings = parse_args(argv)
+        setup_logging(settings.verbosity)
+        LOGGER.info("cl-bidsapp %s", __version__)
+        return int(run(settings))
+    except CLBidsAppError as err:
+        _say_error(err)
+        return int(err.exit_code)
+    except KeyboardInterrupt:
+        print("cl-bidsapp: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("cl-bidsapp: error: out of memory.\n  hint: lower --nprocs, set --mem to what "
+              "the machine has, or process fewer participants at once", file=sys.stderr)
+        return int(ExitCode.TEMPORARY)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence
+        crash = _crash_report(exc, settings)
+        where = f"; details in {crash}" if crash else ""
+        print(f"cl-bidsapp: error: unexpected {type(exc).__name__}: {exc}{where}\n"
+              "  hint: this is a bug; please report it with the crash file", file=sys.stderr)
+        return int(ExitCode.UNSPECIFIED)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
