@@ -53,6 +53,12 @@ def test_threshold_is_inclusive_and_nan_is_background():
     assert set(zip(*np.nonzero(instances))) == {(1, 1, 1), (1, 1, 2), (1, 1, 3)}
 
 
+@pytest.mark.parametrize("threshold", [0, -0.5, 1.5, float("nan")])
+def test_thresholds_outside_0_to_1_are_refused(threshold):
+    with pytest.raises(ValueError, match="threshold"):
+        lesion_instances(_blank(), threshold=threshold)
+
+
 def test_default_minimum_size_drops_two_voxel_components_and_keeps_three():
     prob = _blank()
     prob[1, 1, 1:3] = 1.0               # 2 voxels: dropped (the method removes <= 2)

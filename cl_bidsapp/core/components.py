@@ -126,8 +126,9 @@ def lesion_instances(probability_map: np.ndarray, threshold: float = DEFAULT_THR
     (np.int32(1), np.int32(2))
     """
     probability_map = np.asarray(probability_map)
-    if not 0 <= threshold or not math.isfinite(threshold):
-        raise ValueError(f"threshold must be a finite number >= 0, got {threshold}")
+    if not 0 < threshold <= 1:
+        # 0 would make every background voxel a lesion; above 1 nothing can pass.
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     labels, n = label_components(probability_map >= threshold)
     return _ordered_instances(labels, n, min_size)
 
