@@ -18,11 +18,13 @@ TINY_CONFIGURATION = "3d_fullres"
 
 def tiny_plans(spacing: Sequence[float] = (2.0, 2.0, 2.0), patch: Sequence[int] = (16, 16, 16),
                features: Sequence[int] = (4, 8, 16), reader: str = "SimpleITKIO",
-               plans_name: str = "nnUNetPlans", dataset_name: str = "Dataset999_Tiny") -> dict:
+               plans_name: str = "nnUNetPlans", dataset_name: str = "Dataset999_Tiny",
+               strides: Sequence[Sequence[int]] | None = None) -> dict:
     """An nnU-Net v2 plans dictionary for a small 3-D PlainConvUNet.
 
-    ``spacing`` and ``patch`` are in nnU-Net's (z, y, x) order. Z-score normalisation within
-    the non-zero mask, as nnU-Net plans it for skull-stripped images.
+    ``spacing`` and ``patch`` are in nnU-Net's (z, y, x) order; ``strides`` default to 2 in
+    every stage after the first. Z-score normalisation within the non-zero mask, as nnU-Net
+    plans it for skull-stripped images.
 
     >>> p = tiny_plans()
     >>> p["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["n_stages"]
@@ -35,7 +37,8 @@ def tiny_plans(spacing: Sequence[float] = (2.0, 2.0, 2.0), patch: Sequence[int] 
         "arch_kwargs": {
             "n_stages": n, "features_per_stage": list(features), "conv_op": conv,
             "kernel_sizes": [[3, 3, 3]] * n,
-            "strides": [[1, 1, 1]] + [[2, 2, 2]] * (n - 1),
+            "strides": ([list(map(int, st)) for st in strides] if strides is not None
+                        else [[1, 1, 1]] + [[2, 2, 2]] * (n - 1)),
             "n_conv_per_stage": [2] * n, "n_conv_per_stage_decoder": [2] * (n - 1),
             "conv_bias": True, "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
             "norm_op_kwargs": {"eps": 1e-05, "affine": True},
@@ -83,7 +86,8 @@ def make_tiny_model(dest: str | Path, *, name: str = "tiny-test", version: str =
                     folds: Sequence[int] = (0,), seed: int = 0, reader: str = "SimpleITKIO",
                     spacing: Sequence[float] = (2.0, 2.0, 2.0),
                     patch: Sequence[int] = (16, 16, 16), features: Sequence[int] = (4, 8, 16),
-                    is_demo: bool = True, with_card: bool = True, threshold: float = 0.5,
+                    strides: Sequence[Sequence[int]] | None = None, is_demo: bool = True,
+                    with_card: bool = True, threshold: float = 0.5,
                     min_lesion_size_voxels: int = 3) -> Path:
     """Write a random-weight nnU-Net model folder with a card; return the folder.
 
@@ -106,7 +110,8 @@ def make_tiny_model(dest: str | Path, *, name: str = "tiny-test", version: str =
 
     folder = Path(dest) / f"nnUNetTrainer__nnUNetPlans__{TINY_CONFIGURATION}"
     folder.mkdir(parents=True, exist_ok=True)
-    plans = tiny_plans(spacing=spacing, patch=patch, features=features, reader=reader)
+    plans = tiny_plans(spacing=spacing, patch=patch, features=features, reader=reader,
+                       strides=strides)
     dataset = tiny_dataset_json()
     (folder / "plans.json").write_text(json.dumps(plans, indent=2))
     (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))

@@ -1,0 +1,301 @@
+"""Train the bundled demo model (``cl_bidsapp/data/models/cl-demo-phantom``) on phantoms.
+
+The demo model lets the app run end to end offline, in tests and in CI. It is trained on
+simulated 3T MP2RAGE phantoms (:mod:`cl_bidsapp.simulate`) and is meaningless on real scans:
+its card says so and the app warns.
+
+Steps, all on the CPU:
+
+1. simulate ``--n-train`` phantoms (3T-MP2RAGE, ``--voxel-size`` mm) with cortical lesions;
+2. write an nnU-Net raw dataset: the input is the UNI image times the true brain mask (the
+   skull-stripped UNI, as the app feeds the model after brain extraction), labels the CL mask;
+3. let nnU-Net fingerprint and plan the dataset, then replace the network by a small one
+   (``--features``, ``--patch``) so the checkpoint stays about 1-2 MB, and preprocess;
+4. train one model on all training cases (fold ``all``) with lesion-centred patch sampling
+   (``--oversample``) and no data-augmentation worker processes;
+5. export the slimmed checkpoint, ``plans.json`` and ``dataset.json`` with a card
+   (``write_card``) that records every setting, seed and timing.
+
+Typical run (about 30-40 minutes on 2 cores)::
+
+    OMP_NUM_THREADS=2 python scripts/train_demo_model.py --work /tmp/demo-train
+
+Then evaluate on held-out phantoms with ``benchmarks/bench_models.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "cl_bidsapp" / "data" / "models" / "cl-demo-phantom"
+DATASET_ID = 501
+DATASET_NAME = f"Dataset{DATASET_ID:03d}_CLDemoPhantom"
+PLANS_NAME = "nnUNetPlansDemo"
+CONFIGURATION = "3d_fullres"
+FOLD = "all"
+
+log = logging.getLogger("train_demo_model")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", type=Path, required=True, help="scratch folder (phantoms, nnU-Net)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="model folder to write")
+    p.add_argument("--n-train", type=int, default=24, help="training phantoms")
+    p.add_argument("--voxel-size", type=float, default=2.0, help="phantom voxel size, mm")
+    p.add_argument("--lesion-mean", type=float, default=8, help="mean lesions per phantom")
+    p.add_argument("--lesion-contrast", type=float, default=1.3,
+                   help="lesion T1 as a multiple of grey-matter T1")
+    p.add_argument("--seed", type=int, default=501, help="simulation and training seed")
+    p.add_argument("--features", default="8,16,32,64", help="features per network stage")
+    p.add_argument("--patch", type=int, default=48, help="cubic patch edge, voxels")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--iterations", type=int, default=100, help="iterations per epoch")
+    p.add_argument("--val-iterations", type=int, default=5)
+    p.add_argument("--lr", type=float, default=1e-2, help="initial learning rate (poly decay)")
+    p.add_argument("--oversample", type=float, default=0.66,
+                   help="fraction of patches centred on a lesion")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threshold", type=float, default=0.5, help="recommended threshold (card)")
+    p.add_argument("--min-size", type=int, default=3, help="recommended minimum lesion voxels")
+    p.add_argument("--version", default="1.0.0", help="model version for the card")
+    return p.parse_args(argv)
+
+
+def set_nnunet_environment(work: Path) -> dict:
+    """nnU-Net reads its folders from the environment; point them into the work folder."""
+    env = {"nnUNet_raw": work / "nnUNet_raw", "nnUNet_preprocessed": work / "nnUNet_preprocessed",
+           "nnUNet_results": work / "nnUNet_results"}
+    for key, path in env.items():
+        path.mkdir(parents=True, exist_ok=True)
+        os.environ[key] = str(path)
+    os.environ.setdefault("nnUNet_def_n_proc", "1")
+    return env
+
+
+def simulate_cases(work: Path, args) -> list[tuple[Path, Path]]:
+    """Simulate phantoms; return (skull-stripped UNI, CL mask) per subject."""
+    from cl_bidsapp.simulate import simulate_dataset
+
+    bids = work / "phantoms"
+    if not bids.is_dir():
+        simulate_dataset(bids, args.n_train, protocols=("3T-MP2RAGE",),
+                         voxel_size=args.voxel_size, lesion_mean=args.lesion_mean,
+                         lesion_contrast=args.lesion_contrast, seed=args.seed)
+    return masked_uni_cases(bids, work / "masked")
+
+
+def masked_uni_cases(bids: Path, out: Path) -> list[tuple[Path, Path]]:
+    """UNI x true brain mask (the model input) and the CL mask, for every phantom scan."""
+    out.mkdir(parents=True, exist_ok=True)
+    reference = bids / "derivatives" / "reference"
+    cases = []
+    for uni_path in sorted(bids.glob("sub-*/**/anat/*_UNIT1.nii.gz")):
+        rel = uni_path.relative_to(bids).parent
+        stem = uni_path.name[: -len("_UNIT1.nii.gz")]
+        mask_path = reference / rel / f"{stem}_desc-brain_mask.nii.gz"
+        label_path = reference / rel / f"{stem}_label-CL_mask.nii.gz"
+        masked = out / f"{stem}_desc-brain_UNIT1.nii.gz"
+        if not masked.exists():
+            uni = nib.load(uni_path)
+            brain = np.asarray(nib.load(mask_path).dataobj) > 0
+            data = np.asarray(uni.dataobj, dtype=np.float32) * brain
+            nib.save(nib.Nifti1Image(data, uni.affine), masked)
+        cases.append((masked, label_path))
+    return cases
+
+
+def write_raw_dataset(cases, raw_root: Path) -> Path:
+    """nnU-Net v2 raw layout: imagesTr/case_XXX_0000.nii.gz, labelsTr/case_XXX.nii.gz."""
+    folder = raw_root / DATASET_NAME
+    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+    for i, (image, label) in enumerate(cases):
+        shutil.copyfile(image, folder / "imagesTr" / f"case_{i:03d}_0000.nii.gz")
+        lab = nib.load(label)
+        data = (np.asarray(lab.dataobj) > 0).astype(np.uint8)
+        nib.save(nib.Nifti1Image(data, lab.affine), folder / "labelsTr" / f"case_{i:03d}.nii.gz")
+    dataset = {"channel_names": {"0": "T1w"}, "labels": {"background": 0, "CL": 1},
+               "numTraining": len(cases), "file_ending": ".nii.gz",
+               "name": "cl-bidsapp demo phantoms",
+               "description": "Simulated 3T MP2RAGE phantoms, skull-stripped UNI, CL masks"}
+    (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
+    return folder
+
+
+def small_plans(plans: dict, args) -> dict:
+    """Replace nnU-Net's planned 3d_fullres network by the small demo network."""
+    features = [int(f) for f in args.features.split(",")]
+    n = len(features)
+    config = dict(plans["configurations"][CONFIGURATION])
+    arch = json.loads(json.dumps(config["architecture"]))
+    arch["arch_kwargs"].update({
+        "n_stages": n, "features_per_stage": features,
+        "kernel_sizes": [[3, 3, 3]] * n, "strides": [[1, 1, 1]] + [[2, 2, 2]] * (n - 1),
+        "n_conv_per_stage": [2] * n, "n_conv_per_stage_decoder": [2] * (n - 1)})
+    config.update({"architecture": arch, "patch_size": [args.patch] * 3,
+                   "batch_size": args.batch, "data_identifier": f"{PLANS_NAME}_{CONFIGURATION}"})
+    new = dict(plans)
+    new["plans_name"] = PLANS_NAME
+    new["configurations"] = {CONFIGURATION: config}
+    return new
+
+
+def plan_and_preprocess(args) -> dict:
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprints, plan_experiments, preprocess)
+
+    pre = Path(os.environ["nnUNet_preprocessed"]) / DATASET_NAME
+    target = pre / f"{PLANS_NAME}.json"
+    if not target.exists():
+        extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=True)
+        plan_experiments([DATASET_ID])
+        plans = json.loads((pre / "nnUNetPlans.json").read_text())
+        target.write_text(json.dumps(small_plans(plans, args), indent=2))
+        preprocess([DATASET_ID], plans_identifier=PLANS_NAME, configurations=(CONFIGURATION,),
+                   num_processes=(1,))
+    return json.loads(target.read_text())
+
+
+def train(args, plans: dict) -> Path:
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    class DemoTrainer(nnUNetTrainer):
+        """nnU-Net's trainer with the demo's short schedule and lesion-centred sampling."""
+
+        def __init__(self, plans, configuration, fold, dataset_json, device):
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            self.num_epochs = args.epochs
+            self.num_iterations_per_epoch = args.iterations
+            self.num_val_iterations_per_epoch = args.val_iterations
+            self.oversample_foreground_percent = args.oversample
+            self.initial_lr = args.lr
+            self.save_every = 10
+
+    # Data augmentation in the main process: worker pools are slow to start on 2 cores and die
+    # in small-shm containers. (Not during planning: the planner sets torch threads from it.)
+    os.environ["nnUNet_n_proc_DA"] = "0"
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    torch.set_num_threads(args.threads)
+    dataset_json = json.loads((Path(os.environ["nnUNet_preprocessed"]) / DATASET_NAME
+                               / "dataset.json").read_text())
+    plans = dict(plans, continue_training=False)
+    trainer = DemoTrainer(plans, CONFIGURATION, FOLD, dataset_json, torch.device("cpu"))
+    trainer.run_training()
+    return Path(trainer.output_folder)
+
+
+def export(fold_folder: Path, plans: dict, args, settings: dict) -> dict:
+    """Write the slim model folder and its card."""
+    import torch
+
+    from cl_bidsapp.models.card import write_card
+
+    out = args.out
+    if out.exists():
+        shutil.rmtree(out)
+    (out / f"fold_{FOLD}").mkdir(parents=True)
+    full = torch.load(fold_folder / "checkpoint_final.pth", map_location="cpu",
+                      weights_only=False)
+    # The demo trainer changes only the schedule, not the network: name nnU-Net's own trainer
+    # so that any nnU-Net installation can rebuild the network.
+    slim = {"network_weights": full["network_weights"],
+            "init_args": {"configuration": CONFIGURATION, "fold": FOLD},
+            "trainer_name": "nnUNetTrainer",
+            "inference_allowed_mirroring_axes": tuple(full["inference_allowed_mirroring_axes"])}
+    torch.save(slim, out / f"fold_{FOLD}" / "checkpoint_final.pth")
+    (out / "plans.json").write_text(json.dumps(plans, indent=2))
+    shutil.copyfile(fold_folder.parent / "dataset.json", out / "dataset.json")
+    log_data = full.get("logging", {})
+    settings["final_train_loss"] = _last(log_data.get("train_losses"))
+    settings["final_val_pseudo_dice"] = _last(log_data.get("ema_fg_dice"))
+    return write_card(
+        out, name="cl-demo-phantom", version=args.version,
+        description="DEMO ONLY: a small nnU-Net v2 trained on simulated 3T MP2RAGE phantoms "
+                    "(skull-stripped UNI). For demos, tests and CI; its output on real scans "
+                    "is meaningless.",
+        licence="Apache-2.0", citation="cl-bidsapp demo model (scripts/train_demo_model.py); "
+        "method: Molchanova et al. 2025, arXiv:2507.12092",
+        input_contrasts=("UNIT1",), input_image="UNI", skull_stripped=True,
+        background_value=0.0, threshold=args.threshold, min_lesion_size_voxels=args.min_size,
+        trained_on="simulated phantoms (cl_bidsapp.simulate, 3T-MP2RAGE, "
+                   f"{args.voxel_size:g} mm)",
+        is_demo=True, configuration=CONFIGURATION, trainer="nnUNetTrainer", plans=PLANS_NAME,
+        folds=[FOLD], training=settings)
+
+
+def _last(values):
+    values = [v for v in (values or []) if v is not None]
+    return float(values[-1]) if values else None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    work = args.work.resolve()
+    set_nnunet_environment(work)
+    import nnunetv2
+    import torch
+
+    started = time.time()
+    timings = {}
+    cases = simulate_cases(work, args)
+    timings["simulate_s"] = round(time.time() - started, 1)
+    log.info("%d training cases", len(cases))
+    write_raw_dataset(cases, Path(os.environ["nnUNet_raw"]))
+    t = time.time()
+    plans = plan_and_preprocess(args)
+    timings["plan_preprocess_s"] = round(time.time() - t, 1)
+    t = time.time()
+    fold_folder = train(args, plans)
+    timings["train_s"] = round(time.time() - t, 1)
+    settings = {
+        "script": "scripts/train_demo_model.py",
+        "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+        "simulator": {"protocols": ["3T-MP2RAGE"], "n_subjects": args.n_train,
+                      "voxel_size_mm": args.voxel_size, "lesion_mean": args.lesion_mean,
+                      "lesion_contrast": args.lesion_contrast, "seed": args.seed},
+        "model_input": "UNIT1 x true brain mask",
+        "network": {"features_per_stage": [int(f) for f in args.features.split(",")],
+                    "patch_size": [args.patch] * 3, "batch_size": args.batch,
+                    "target_spacing_mm": plans["configurations"][CONFIGURATION]["spacing"]},
+        "schedule": {"epochs": args.epochs, "iterations_per_epoch": args.iterations,
+                     "val_iterations_per_epoch": args.val_iterations, "initial_lr": args.lr,
+                     "oversample_foreground_percent": args.oversample,
+                     "trainer": "nnUNetTrainer (schedule overridden by the script)",
+                     "fold": FOLD, "torch_seed": args.seed},
+        "hardware": {"device": "cpu", "threads": args.threads, "machine": platform.machine(),
+                     "processor": platform.processor() or "unknown"},
+        "software": {"nnunetv2": nnunetv2.__version__ if hasattr(nnunetv2, "__version__")
+                     else _version("nnunetv2"), "torch": torch.__version__,
+                     "python": platform.python_version()},
+        "timings": timings,
+    }
+    card = export(fold_folder, plans, args, settings)
+    log.info("wrote %s (%s files); total %.1f min", args.out, len(card["files"]),
+             (time.time() - started) / 60)
+    return 0
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
