@@ -92,6 +92,6 @@ def make_montage(out_png, mp2rage: str = "3T-MP2RAGE", mprage: str = "3T-MPRAGE"
     fig.tight_layout()
     out = Path(out_png)
     with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=80, facecolor="black", format="png")
+        fig.savefig(tmp, dpi=64, facecolor="black", format="png")
     plt.close(fig)
     return out

@@ -95,19 +95,19 @@ PROTOCOLS: dict[str, Protocol] = {
         name="3T-MP2RAGE", sequence="MP2RAGE", field_strength=3.0,
         repetition_time_preparation=5.0, inversion_times=(0.7, 2.5), flip_angles=(4.0, 5.0),
         repetition_time_excitation=0.007, number_shots=176, echo_time=0.0029,
-        b1_amplitude=0.05, bias_amplitude=0.2),
+        b1_amplitude=0.08, bias_amplitude=0.2),
     # A typical 7T research protocol; B1+ varies strongly (centre brightening).
     "7T-MP2RAGE": Protocol(
         name="7T-MP2RAGE", sequence="MP2RAGE", field_strength=7.0,
         repetition_time_preparation=5.0, inversion_times=(0.9, 2.75), flip_angles=(5.0, 3.0),
         repetition_time_excitation=0.0068, number_shots=160, echo_time=0.0025,
-        b1_amplitude=0.35, bias_amplitude=0.4),
+        b1_amplitude=0.45, bias_amplitude=0.4),
     # ADNI-like 3T MPRAGE.
     "3T-MPRAGE": Protocol(
         name="3T-MPRAGE", sequence="MPRAGE", field_strength=3.0,
         repetition_time_preparation=2.3, inversion_times=(0.9,), flip_angles=(9.0,),
         repetition_time_excitation=0.0071, number_shots=176, echo_time=0.0029,
-        b1_amplitude=0.05, bias_amplitude=0.2),
+        b1_amplitude=0.08, bias_amplitude=0.2),
 }
 
 

@@ -48,10 +48,8 @@ _HEAD_UPPER = np.array([104.0, 108.0, 122.0])
 _HEAD_STEP = 2.0
 #: Outer head surface: this far outside the intracranial surface over the vault (skull + scalp).
 _VAULT_THICKNESS = 14.0
-#: Regions where grey matter is not cerebral cortex, as MNI ellipsoids (centre, radii) in mm.
+#: Deep grey nuclei (basal ganglia, thalamus) as an MNI ellipsoid (centre, radii) in mm.
 _DEEP_GREY = ((0.0, -6.0, 4.0), (30.0, 34.0, 21.0))
-_CEREBELLUM = ((0.0, -62.0, -38.0), (54.0, 34.0, 30.0))
-_BRAINSTEM = ((0.0, -28.0, -40.0), (16.0, 20.0, 40.0))
 #: Cortex is grey matter within this distance (mm) of the CSF outside the brain.
 _CORTEX_DEPTH = 6.0
 
@@ -118,6 +116,19 @@ def _ellipsoid(mm: np.ndarray, centre, radii) -> np.ndarray:
     return (rel ** 2).sum(-1) <= 1.0
 
 
+def _infratentorial(mm: np.ndarray) -> np.ndarray:
+    """Cerebellum and brainstem: below a tentorium that rises from the occiput to the notch.
+
+    Tentorium height (MNI mm) drops 0.3 mm per mm behind y = -40 and curves down laterally;
+    it was drawn over the MNI152 2009a grey-matter map (checked on sagittal slices).
+    """
+    x, y, z = mm[..., 0], mm[..., 1], mm[..., 2]
+    tentorium = 2.0 - 0.3 * np.clip(-40.0 - y, 0.0, None) - 0.005 * x ** 2
+    cerebellum = (z < tentorium) & (y < -30.0)
+    brainstem = (np.abs(x) < 20.0) & (y > -45.0) & (y < -5.0) & (z < -10.0)
+    return cerebellum | brainstem
+
+
 def _grid_mm(shape, affine) -> np.ndarray:
     ijk = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"),
                    -1)
@@ -168,13 +179,16 @@ def _cortex_and_sites(gm, wm, affine):
     step = float(abs(affine[0, 0]))
     near_outside = ndi.distance_transform_edt(~outside, sampling=step) <= _CORTEX_DEPTH
     mm = _grid_mm(gm.shape, affine)
-    excluded = (_ellipsoid(mm, *_DEEP_GREY) | _ellipsoid(mm, *_CEREBELLUM)
-                | _ellipsoid(mm, *_BRAINSTEM) | (mm[..., 2] < -45))
+    # The symmetric template blends both medial surfaces across the midline, where a real
+    # brain has the falx: keep lesions within one hemisphere.
+    midline = np.abs(mm[..., 0]) < 2.5
+    excluded = (_ellipsoid(mm, *_DEEP_GREY) | _infratentorial(mm) | midline
+                | (mm[..., 2] < -45))
     cortex = grey & near_outside & ~excluded
     touches_white = ndi.binary_dilation(white, structure=np.ones((3, 3, 3), bool))
     boundary = cortex & ndi.binary_dilation(white)  # 6-neighbour of white matter
     interior = cortex & ~touches_white
-    region = ndi.distance_transform_edt(~cortex, sampling=step) <= 3.0
+    region = (ndi.distance_transform_edt(~cortex, sampling=step) <= 3.0) & ~midline
     ijk_to_mm = affine[:3, :3], affine[:3, 3]
 
     def sites(mask):
