@@ -29,3 +29,22 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def bids_layouts(shared_data) -> Path:
     return shared_data / "bids-layouts"
+
+
+@pytest.fixture(scope="session")
+def phantom_2mm(tmp_path_factory) -> Path:
+    """A 2-subject 3T MP2RAGE phantom dataset at 2 mm (read-only for tests: copy to modify)."""
+    from cl_bidsapp.simulate import simulate_dataset
+
+    root = tmp_path_factory.mktemp("phantom") / "bids"
+    simulate_dataset(root, n_subjects=2, voxel_size=2.0, seed=7)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random-weight nnU-Net model with 2 folds (fast; predicts noise)."""
+    from cl_bidsapp.models.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models"), folds=(0, 1),
+                           patch=(32, 32, 32), features=(4, 8, 16))

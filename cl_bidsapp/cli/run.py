@@ -81,7 +81,7 @@ def plan(settings):
 def run(settings) -> int:
     from cl_bidsapp.bids.layout import read_dataset_description
 
-    read_dataset_description(settings.bids_dir)
+    raw_description = read_dataset_description(settings.bids_dir)
     layout, items = plan(settings)
     subjects = sorted({it.subject for it in items})
     LOGGER.info("Work plan: %d image(s) from %d participant(s)", len(items), len(subjects))
@@ -102,17 +102,27 @@ def run(settings) -> int:
     check_writable(settings.output_dir, "output folder")
     if "participant" in settings.levels:
         check_writable(settings.effective_work_dir(), "work folder")
-    failures = 0
+    code = ExitCode.OK
     if "participant" in settings.levels:
-        failures += run_participant(settings, items)
+        from cl_bidsapp.cli.participant import run_participant
+
+        failures = run_participant(settings, items, raw_description)
+        if failures:
+            code = report_failures(failures, len(items))
     if "group" in settings.levels:
-        failures += run_group(settings)
-    return ExitCode.UNSPECIFIED if failures else ExitCode.OK
+        code = run_group(settings) or code
+    return code
 
 
-def run_participant(settings, items) -> int:
-    raise UsageError(f"the participant level is not available yet in cl-bidsapp {__version__} "
-                     "(only --dry-run planning is)")
+def report_failures(failures, n_items: int) -> int:
+    """Print which images failed and why; return the run's exit code."""
+    print(f"cl-bidsapp: {len(failures)} of {n_items} image(s) failed:", file=sys.stderr)
+    for failure in failures:
+        where = f" (details: {failure.crash_file})" if failure.crash_file else ""
+        print(f"  sub-{failure.item.subject} {failure.item.bids_name}: {failure.message}{where}",
+              file=sys.stderr)
+    codes = {f.exit_code for f in failures}
+    return codes.pop() if len(codes) == 1 else int(ExitCode.UNSPECIFIED)
 
 
 def run_group(settings) -> int:

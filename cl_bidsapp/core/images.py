@@ -100,16 +100,19 @@ def load_image(path: str | Path) -> nib.Nifti1Image:
             img = nib.load(str(path), mmap=False)
     except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError,
             ValueError, struct.error) as exc:
-        raise InputDataError(f"the NIfTI header cannot be read ({exc})", path=path) from None
+        raise InputDataError(f"the NIfTI header cannot be read ({_one_line(exc)})",
+                             path=path) from None
     except (EOFError, zlib.error, OSError) as exc:
-        raise InputDataError(f"the file is truncated or corrupt ({exc})", path=path) from None
+        raise InputDataError(f"the file is truncated or corrupt ({_one_line(exc)})",
+                             path=path) from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputDataError(f"not a NIfTI image (read as {type(img).__name__})", path=path)
     try:
         data = np.asanyarray(img.dataobj)
     except (EOFError, zlib.error, OSError, ValueError) as exc:
         raise InputDataError(
-            f"the image data are incomplete: the file is truncated or corrupt ({exc})",
+            f"the image data are incomplete: the file is truncated or corrupt "
+            f"({_one_line(exc)})",
             path=path, hint="the download or copy did not finish; fetch the file again") from None
     header = img.header.copy()
     if data.dtype != header.get_data_dtype() and data.dtype.kind == "f":
@@ -318,6 +321,14 @@ def _check_file_is_there(path: Path) -> None:
         raise InputDataError("is a folder, not an image file", path=path)
     if not path.name.endswith((".nii", ".nii.gz")):
         raise InputDataError("is not a NIfTI file name (expected .nii or .nii.gz)", path=path)
+
+
+def _one_line(exc: BaseException) -> str:
+    """A library's error message on one line, without its own advice ("- could ...?")."""
+    text = " ".join(str(exc).split()).split(" - could")[0].strip()
+    if text.endswith(" from"):  # nibabel names an anonymous file object as ""
+        text = text[: -len(" from")]
+    return text or type(exc).__name__
 
 
 def _read_head(path: Path) -> bytes:

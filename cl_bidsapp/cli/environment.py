@@ -1,0 +1,77 @@
+"""Process environment for a run: writable caches, thread limits, what hardware is there.
+
+Under Apptainer the image and often ``$HOME`` are read-only; matplotlib, PyTorch, nnU-Net and
+others then fail on their first cache write. Every cache goes to the work folder unless the
+user already pointed it at a writable place.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+LOGGER = logging.getLogger(__name__)
+
+CACHE_VARIABLES = ("MPLCONFIGDIR", "XDG_CACHE_HOME", "TORCH_HOME", "NUMBA_CACHE_DIR")
+NNUNET_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+
+def _writable(path: str | None) -> bool:
+    if not path:
+        return False
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        probe = Path(path) / f".cl-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+
+
+def prepare_environment(work_dir: Path, omp_nthreads: int | None = None) -> dict[str, str]:
+    """Point unwritable caches at ``<work_dir>/cache``; return the variables changed."""
+    cache = Path(work_dir) / "cache"
+    changed: dict[str, str] = {}
+    for name in CACHE_VARIABLES:
+        if not _writable(os.environ.get(name)):
+            target = cache / name.lower()
+            target.mkdir(parents=True, exist_ok=True)
+            os.environ[name] = changed[name] = str(target)
+    home = os.environ.get("HOME")
+    if not _writable(home):
+        os.environ["HOME"] = changed["HOME"] = str(cache / "home")
+        Path(os.environ["HOME"]).mkdir(parents=True, exist_ok=True)
+    for name in NNUNET_VARIABLES:  # never used for prediction; set so nnU-Net stays quiet
+        if not os.environ.get(name):
+            os.environ[name] = changed[name] = str(cache / name)
+    if omp_nthreads:
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ.setdefault(name, str(omp_nthreads))
+    if changed:
+        LOGGER.debug("caches redirected: %s", ", ".join(f"{k}={v}" for k, v in changed.items()))
+    return changed
+
+
+def resolve_device(device: str) -> tuple[str, list[str]]:
+    """``auto`` becomes ``cuda`` or ``cpu``; also say what torch, CUDA and the GPU are."""
+    import torch
+
+    lines = [f"torch {torch.__version__} (CUDA build {torch.version.cuda or 'none'})"]
+    available = torch.cuda.is_available()
+    if available:
+        lines.append(f"GPU: {torch.cuda.get_device_name(0)} "
+                     f"({torch.cuda.device_count()} visible)")
+    if device == "auto":
+        if available:
+            return "cuda", lines
+        lines.append("no GPU visible: nnU-Net runs on the CPU (expect minutes per image; "
+                     "--no-tta and fewer --folds are much faster)")
+        return "cpu", lines
+    if device == "cuda" and not available:
+        from cl_bidsapp.errors import UsageError
+
+        raise UsageError("--device cuda was asked for but PyTorch sees no GPU",
+                         hint="check the driver (nvidia-smi), use --nv with Apptainer or "
+                              "--gpus all with Docker, or use --device cpu")
+    return device, lines
