@@ -84,6 +84,16 @@ def test_lesion_t1_sets_the_direction_and_size_of_the_contrast():
     assert np.median(bright - neutral) > 300
 
 
+def test_volume_scale_gives_larger_lesions_at_2_mm():
+    plain, scaled = (simulate_session(["3T-MP2RAGE"], subject=2, voxel_size=2.0, seed=5,
+                                      lesion_mean=10.0, lesion_volume_scale=scale)
+                     for scale in (1.0, 8.0))
+    sizes = [np.array([len(les.voxels) for les in p.lesions]) for p in (plain, scaled)]
+    assert len(sizes[1]) >= len(sizes[0]) - 1
+    assert np.median(sizes[0]) == 3
+    assert np.median(sizes[1]) >= 2 * np.median(sizes[0]) and sizes[1].max() > 30
+
+
 def test_lesion_volumes_are_heavy_tailed_within_bounds():
     volumes = draw_volume(np.random.default_rng(0), 20000)
     assert volumes.min() >= 3.0 and volumes.max() <= 300.0

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default 3T-MP2RAGE)")
     parser.add_argument("--leukocortical-fraction", type=float, default=0.5, metavar="P",
                         help="share of lesions crossing the grey/white boundary (default 0.5)")
+    parser.add_argument("--lesion-volume-scale", type=float, default=1.0, metavar="X",
+                        help="multiply lesion volumes (3-300 mm^3 by default); at 2 mm most "
+                             "lesions are 3 voxels unless this is raised")
     _add_common(parser)
     return parser
 
@@ -118,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             protocols = [p for group in (args.protocols or [["3T-MP2RAGE"]]) for p in group]
             out = simulate_dataset(args.out_dir, args.n_subjects, args.n_sessions, protocols,
                                    args.voxel_size, args.lesion_mean, args.lesion_contrast,
-                                   args.noise, args.seed, args.leukocortical_fraction)
+                                   args.noise, args.seed, args.leukocortical_fraction,
+                                   args.lesion_volume_scale)
     except CLBidsAppError as err:
         print(f"cl-bidsapp-simulate: error: {err}", file=sys.stderr)
         return int(err.exit_code)

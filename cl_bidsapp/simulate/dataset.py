@@ -68,7 +68,8 @@ def simulate_dataset(out_dir, n_subjects: int = 3, n_sessions: int = 1,
                      protocols=("3T-MP2RAGE",), voxel_size: float = 1.0,
                      lesion_mean: float = 8.0, lesion_contrast: float = 1.3,
                      noise: float = DEFAULT_NOISE, seed: int = 0,
-                     leukocortical_fraction: float = 0.5) -> Path:
+                     leukocortical_fraction: float = 0.5,
+                     lesion_volume_scale: float = 1.0) -> Path:
     """Simulate MP2RAGE/MPRAGE phantoms with cortical lesions as a BIDS dataset.
 
     Parameters
@@ -95,6 +96,9 @@ def simulate_dataset(out_dir, n_subjects: int = 3, n_sessions: int = 1,
         Same seed and arguments, same bytes.
     leukocortical_fraction : float
         Share of lesions that cross the grey/white boundary.
+    lesion_volume_scale : float
+        Multiplies the lesion volumes (drawn between 3 and 300 mm^3); lesions never have fewer
+        than 3 voxels, so at 2 mm most are 3 voxels unless this is raised.
 
     Returns
     -------
@@ -109,13 +113,15 @@ def simulate_dataset(out_dir, n_subjects: int = 3, n_sessions: int = 1,
         ``out_dir`` holds something else or cannot be written (exit code 73).
     """
     protocols = _check_arguments(n_subjects, n_sessions, protocols, voxel_size, lesion_mean,
-                                 lesion_contrast, noise, leukocortical_fraction)
+                                 lesion_contrast, noise, leukocortical_fraction,
+                                 lesion_volume_scale)
     root = Path(out_dir)
     _prepare(root)
     settings = {"n_subjects": n_subjects, "n_sessions": n_sessions,
                 "protocols": [p.name for p in protocols], "voxel_size": voxel_size,
                 "lesion_mean": lesion_mean, "lesion_contrast": lesion_contrast, "noise": noise,
-                "seed": seed, "leukocortical_fraction": leukocortical_fraction}
+                "seed": seed, "leukocortical_fraction": leukocortical_fraction,
+                "lesion_volume_scale": lesion_volume_scale}
     participants = []
     for subject in range(1, n_subjects + 1):
         protocol = protocols[(subject - 1) % len(protocols)]
@@ -123,7 +129,8 @@ def simulate_dataset(out_dir, n_subjects: int = 3, n_sessions: int = 1,
         participants.append((f"sub-{subject:02d}", site, protocol.name))
         for session in range(1, n_sessions + 1):
             phantom = simulate_session([protocol], subject, session, voxel_size, lesion_mean,
-                                       lesion_contrast, noise, seed, leukocortical_fraction)
+                                       lesion_contrast, noise, seed, leukocortical_fraction,
+                                       lesion_volume_scale)
             ses = f"ses-{session:02d}" if n_sessions > 1 else None
             _write_session(root, subject, ses, protocol, phantom)
             log.info("wrote sub-%02d%s (%s, %d lesions)", subject, f" {ses}" if ses else "",
@@ -133,7 +140,7 @@ def simulate_dataset(out_dir, n_subjects: int = 3, n_sessions: int = 1,
 
 
 def _check_arguments(n_subjects, n_sessions, protocols, voxel_size, lesion_mean,
-                     lesion_contrast, noise, leukocortical_fraction):
+                     lesion_contrast, noise, leukocortical_fraction, lesion_volume_scale):
     if isinstance(protocols, str):
         protocols = [protocols]
     try:
@@ -152,6 +159,8 @@ def _check_arguments(n_subjects, n_sessions, protocols, voxel_size, lesion_mean,
          f"--lesion-contrast (lesion T1 / grey-matter T1) must be 0.2..5, not {lesion_contrast}"),
         (0 <= noise <= 1.0, f"--noise must be 0..1, not {noise}"),
         (0 <= leukocortical_fraction <= 1, "leukocortical_fraction must be 0..1"),
+        (0.1 <= lesion_volume_scale <= 20,
+         f"--lesion-volume-scale must be 0.1..20, not {lesion_volume_scale}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -87,7 +87,8 @@ def draw_count(rng: np.random.Generator, mean_count: float) -> int:
 
 
 def plan_lesions(rng: np.random.Generator, template: Template, mean_count: float = 8.0,
-                 contrast: float = 1.3, leukocortical_fraction: float = 0.5) -> list:
+                 contrast: float = 1.3, leukocortical_fraction: float = 0.5,
+                 volume_scale: float = 1.0) -> list:
     """Draw the lesions of one subject.
 
     Parameters
@@ -101,6 +102,8 @@ def plan_lesions(rng: np.random.Generator, template: Template, mean_count: float
         Lesion T1 / grey-matter T1 (> 1: darker than grey matter on UNI and MPRAGE).
     leukocortical_fraction : float
         Probability that a lesion is leukocortical.
+    volume_scale : float
+        Multiplies every lesion volume (e.g. larger lesions for coarse training data).
 
     Returns
     -------
@@ -118,7 +121,7 @@ def plan_lesions(rng: np.random.Generator, template: Template, mean_count: float
                 break
         centres.append(site)
         ratio = float(contrast * np.exp(rng.normal(0.0, _T1_RATIO_SPREAD)))
-        plans.append(LesionPlan(kind=kind, volume_mm3=float(draw_volume(rng)),
+        plans.append(LesionPlan(kind=kind, volume_mm3=float(draw_volume(rng)) * volume_scale,
                                 site_mni=tuple(float(v) for v in site), t1_ratio=ratio,
                                 shape_seed=int(rng.integers(2 ** 31))))
     return plans
@@ -184,9 +187,11 @@ def place_lesions(plans, anatomy: SessionAnatomy) -> tuple:
     labels = np.zeros(shape, np.uint16)
     blocked = np.zeros(shape, bool)  # lesions and their 26-neighbours
     lesions = []
-    radius = int(np.ceil(14.0 / voxel))
     cube = np.ones((3, 3, 3), bool)
     for plan in plans:
+        # room for a lesion spread along a ~3 mm thick cortical sheet
+        radius_mm = max(14.0, 2.0 * np.sqrt(plan.volume_mm3 / (3.0 * np.pi)))
+        radius = int(np.ceil(radius_mm / voxel))
         centre = anatomy.locate(plan.site_mni)
         lo, hi, box = _box(centre, radius + 1, shape)
         lab = tissue_labels(anatomy.gm[box], anatomy.wm[box], anatomy.csf[box])

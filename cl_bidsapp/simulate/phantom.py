@@ -53,7 +53,8 @@ def _subject_tissues(protocol: Protocol, rng: np.random.Generator) -> dict:
 def simulate_session(protocols, subject: int = 1, session: int = 1, voxel_size: float = 1.0,
                      lesion_mean: float = 8.0, lesion_contrast: float = 1.3,
                      noise: float = 0.03, seed: int = 0,
-                     leukocortical_fraction: float = 0.5) -> SessionPhantom:
+                     leukocortical_fraction: float = 0.5,
+                     lesion_volume_scale: float = 1.0) -> SessionPhantom:
     """Simulate one session of one subject with one or more protocols (same head, same pose).
 
     Parameters
@@ -64,7 +65,7 @@ def simulate_session(protocols, subject: int = 1, session: int = 1, voxel_size: 
         1-based indices: with ``seed`` they fix all random draws.
     voxel_size : float
         Isotropic voxel size in mm.
-    lesion_mean, lesion_contrast, noise, seed, leukocortical_fraction
+    lesion_mean, lesion_contrast, noise, seed, leukocortical_fraction, lesion_volume_scale
         See :func:`cl_bidsapp.simulate.simulate_dataset`.
 
     Returns
@@ -75,7 +76,7 @@ def simulate_session(protocols, subject: int = 1, session: int = 1, voxel_size: 
     template = load_template(2.0 if voxel_size >= 1.5 else 1.0)
     subject_anatomy = draw_subject(_rng(seed, subject, _ANATOMY))
     plans = plan_lesions(_rng(seed, subject, _LESIONS), template, lesion_mean, lesion_contrast,
-                         leukocortical_fraction)
+                         leukocortical_fraction, lesion_volume_scale)
     pose = draw_pose(_rng(seed, subject, session, _POSE))
     shape, affine = image_grid(voxel_size, _rng(seed, subject, session, _GRID))
     anatomy = sample_session(template, subject_anatomy, pose, shape, affine)
