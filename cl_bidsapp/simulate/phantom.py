@@ -14,7 +14,7 @@ import numpy as np
 from cl_bidsapp.simulate.anatomy import (SessionAnatomy, draw_pose, draw_subject, image_grid,
                                          sample_session)
 from cl_bidsapp.simulate.lesions import Lesion, lesion_occupancy, place_lesions, plan_lesions
-from cl_bidsapp.simulate.protocols import Protocol, Tissue, get_protocol, tissues_for
+from cl_bidsapp.simulate.protocols import Protocol, get_protocol, tissues_for
 from cl_bidsapp.simulate.render import acquire, draw_fields, noise_free_signals
 from cl_bidsapp.simulate.template import load_template
 
@@ -126,4 +126,4 @@ def lesion_rows(phantom: SessionPhantom, tissues: dict) -> list:
     return rows
 
 
-__all__ = ["SessionPhantom", "simulate_session", "lesion_rows", "Tissue"]
+__all__ = ["SessionPhantom", "simulate_session", "lesion_rows"]

@@ -74,7 +74,8 @@ def block_gaps(protocol: Protocol) -> tuple:
     if min(gaps) < 0:
         raise ValueError(f"{protocol.name}: readout blocks of {protocol.number_shots} x "
                          f"{protocol.repetition_time_excitation * 1e3:g} ms do not fit between "
-                         f"inversion times {tis} within TR {protocol.repetition_time_preparation} s")
+                         f"inversion times {tis} within TR "
+                         f"{protocol.repetition_time_preparation} s")
     return tuple(gaps)
 
 
