@@ -52,14 +52,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, required=True, help="scratch folder (phantoms, nnU-Net)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="model folder to write")
-    p.add_argument("--n-train", type=int, default=24, help="training phantoms")
+    p.add_argument("--n-train", type=int, default=30, help="training phantoms")
     p.add_argument("--voxel-size", type=float, default=2.0, help="phantom voxel size, mm")
-    p.add_argument("--lesion-mean", type=float, default=8, help="mean lesions per phantom")
+    p.add_argument("--lesion-mean", type=float, default=12, help="mean lesions per phantom")
     p.add_argument("--lesion-contrast", type=float, default=1.3,
                    help="lesion T1 as a multiple of grey-matter T1")
     p.add_argument("--seed", type=int, default=501, help="simulation and training seed")
     p.add_argument("--features", default="8,16,32,64", help="features per network stage")
-    p.add_argument("--patch", type=int, default=48, help="cubic patch edge, voxels")
+    p.add_argument("--patch", type=int, default=32, help="cubic patch edge, voxels")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--iterations", type=int, default=100, help="iterations per epoch")
@@ -158,15 +158,16 @@ def plan_and_preprocess(args) -> dict:
         extract_fingerprints, plan_experiments, preprocess)
 
     pre = Path(os.environ["nnUNet_preprocessed"]) / DATASET_NAME
-    target = pre / f"{PLANS_NAME}.json"
-    if not target.exists():
+    if not (pre / "nnUNetPlans.json").exists():
         extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=True)
         plan_experiments([DATASET_ID])
-        plans = json.loads((pre / "nnUNetPlans.json").read_text())
-        target.write_text(json.dumps(small_plans(plans, args), indent=2))
+    plans = small_plans(json.loads((pre / "nnUNetPlans.json").read_text()), args)
+    (pre / f"{PLANS_NAME}.json").write_text(json.dumps(plans, indent=2))
+    # preprocessed data depend on spacing and normalisation only, not on the network
+    if not (pre / plans["configurations"][CONFIGURATION]["data_identifier"]).is_dir():
         preprocess([DATASET_ID], plans_identifier=PLANS_NAME, configurations=(CONFIGURATION,),
                    num_processes=(1,))
-    return json.loads(target.read_text())
+    return plans
 
 
 def train(args, plans: dict) -> Path:
