@@ -301,6 +301,9 @@ class CLPredictor:
         header.set_data_dtype(np.float32)
         out = nib.Nifti1Image(lesion, image.affine, header)
         out.header.set_slope_inter(1.0, 0.0)
+        # the input's display window (e.g. 0..4095) would hide a 0..1 map in viewers
+        out.header["cal_min"], out.header["cal_max"] = 0.0, 1.0
+        out.header["descrip"] = b"CL probability"
         return out
 
 

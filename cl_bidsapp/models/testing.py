@@ -106,7 +106,11 @@ def make_tiny_model(dest: str | Path, *, name: str = "tiny-test", version: str =
     ([0, 1], 'UNI', True)
     """
     import torch
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    from cl_bidsapp.models.nnunet_backend import quiet_nnunet
+
+    with quiet_nnunet():
+        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
     folder = Path(dest) / f"nnUNetTrainer__nnUNetPlans__{TINY_CONFIGURATION}"
     folder.mkdir(parents=True, exist_ok=True)
