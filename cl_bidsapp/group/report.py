@@ -1,0 +1,161 @@
+"""The group HTML report: one self-contained page (figures embedded, no scripts, no web fonts).
+
+It shows the lesion-load distributions by site, session and contrast, the flagged images with
+their reasons and links to the subject reports, the evaluation table when reference masks were
+given, and the lesion frequency map (or why it is missing). The page is written to
+``<out>/group/group_report.html``; subject reports are ``<out>/sub-XX.html``.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from cl_bidsapp import __version__
+from cl_bidsapp.group.records import ImageSummary, column_dictionary
+from cl_bidsapp.io import write_text
+
+logger = logging.getLogger(__name__)
+
+REPORT_NAME = "group_report.html"
+#: Flagged images listed in the page; the TSV has them all.
+MAX_FLAGGED_ROWS = 500
+#: A flag raised on at least this fraction of processed images becomes a banner.
+BANNER_FRACTION = 0.5
+_TEMPLATES = Path(__file__).parent / "templates"
+
+
+@dataclass
+class ReportInputs:
+    """Everything the report shows besides the per-image summaries."""
+
+    dataset: str | None = None
+    domain_rule: str = ""
+    lesion_rows: int = 0
+    figures: dict[str, bytes | None] = field(default_factory=dict)
+    evaluation_wide: pd.DataFrame | None = None
+    reference_dir: str | None = None
+    evaluation_problems: list[str] = field(default_factory=list)
+    no_reference: int = 0
+    frequency_file: str | None = None
+    frequency_images: int = 0
+    frequency_left_out: int = 0
+    frequency_missing: str = ""
+    files: list[str] = field(default_factory=list)
+
+
+def write_report(summaries: Sequence[ImageSummary], inputs: ReportInputs,
+                 group_dir: Path) -> Path:
+    """Render and atomically write ``group_report.html``; return its path."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(_TEMPLATES)),
+                             autoescape=True, undefined=jinja2.StrictUndefined)
+    html = env.get_template("group_report.html").render(**report_context(summaries, inputs))
+    return write_text(Path(group_dir) / REPORT_NAME, html)
+
+
+def report_context(summaries: Sequence[ImageSummary], inputs: ReportInputs) -> dict[str, Any]:
+    """The values the template shows (kept apart from rendering so tests can read them)."""
+    rows = [s.row() for s in summaries]
+    done = [r for r in rows if r["status"] == "ok"]
+    flagged = [s for s in summaries if s.flags]
+    levels = column_dictionary("group_images.json")["qc_flags"]["Levels"]
+    codes: dict[str, int] = {}
+    for s in flagged:
+        for code in s.flag_codes:
+            codes[code] = codes.get(code, 0) + 1
+    banners = []
+    for code, n in codes.items():
+        if done and n >= BANNER_FRACTION * len(done) and code in ("demo_model",
+                                                                  "different_settings"):
+            example = next(r for s in flagged for c, r in s.flags if c == code)
+            banners.append(f"{n} of {len(rows)} images: {example}")
+    context = {
+        "dataset": inputs.dataset, "version": __version__,
+        "counts": {
+            "planned": len(rows), "subjects": len({r["participant_id"] for r in rows}),
+            "ok": len(done), "failed": sum(r["status"] == "failed" for r in rows),
+            "missing": sum(r["status"] == "missing" for r in rows), "flagged": len(flagged),
+            "lesions": inputs.lesion_rows},
+        "models": sorted({str(r["model"]) for r in done if r.get("model")}),
+        "domain_rule": inputs.domain_rule, "banners": banners,
+        "figures": {k: base64.b64encode(v).decode("ascii") if v else None
+                    for k, v in inputs.figures.items()},
+        "by_group": _by_group(done),
+        "flag_counts": [{"code": c, "n": codes[c], "meaning": levels.get(c, "")}
+                        for c in levels if c in codes],
+        "flagged": [{"bids_name": s.bids_name, "status": s.status,
+                     "report": f"../{s.values['subject_report']}", "flags": s.flag_codes,
+                     "reasons": [r for _, r in s.flags]} for s in flagged[:MAX_FLAGGED_ROWS]],
+        "flagged_more": max(0, len(flagged) - MAX_FLAGGED_ROWS),
+        "evaluation": _evaluation(inputs),
+        "frequency": {"file": inputs.frequency_file, "n_images": inputs.frequency_images,
+                      "n_left_out": inputs.frequency_left_out},
+        "frequency_missing": inputs.frequency_missing,
+        "files": inputs.files,
+    }
+    context["figures"].setdefault("distributions", None)
+    context["figures"].setdefault("frequency", None)
+    return context
+
+
+def _by_group(done: list[dict]) -> list[dict[str, Any]]:
+    out = []
+    for column, label in (("site", "site"), ("session_id", "session"), ("contrast", "contrast")):
+        if not any(r.get(column) for r in done):
+            continue
+        for level in sorted({str(r.get(column) or "n/a") for r in done}):
+            part = [r for r in done if str(r.get(column) or "n/a") == level]
+            out.append({"grouping": label, "group": level, "n": len(part),
+                        "count": _median_iqr([r.get("lesion_count") for r in part], "{:.0f}"),
+                        "volume": _median_iqr([r.get("total_volume_mm3") for r in part],
+                                              "{:.1f}")})
+    return out
+
+
+def _median_iqr(values, fmt: str) -> str:
+    x = np.array([float(v) for v in values if v is not None], dtype=float)
+    if not x.size:
+        return "n/a"
+    q1, q2, q3 = np.percentile(x, [25, 50, 75])
+    return f"{fmt.format(q2)} [{fmt.format(q1)}–{fmt.format(q3)}]"
+
+
+def _evaluation(inputs: ReportInputs) -> dict[str, Any] | None:
+    wide = inputs.evaluation_wide
+    if wide is None and not inputs.evaluation_problems:
+        return None
+    rows = []
+    for _, r in (wide if wide is not None else pd.DataFrame()).iterrows():
+        label = r["group"] if r["group_by"] != "site" else f"site {r['group']}"
+        cells = [_pm(r, "f1"), _num(r.get("f1_pooled")), _pm(r, "recall"), _pm(r, "precision"),
+                 _pm(r, "us_rate"), _pm(r, "dsc"), _pm(r, "ndsc")]
+        cells += [_num(r.get(c), "{:.0f}") for c in ("n_reference", "tp", "fp", "us", "fn")]
+        cells += [_pm(r, "brier", "{:.4f}"), _pm(r, "ece", "{:.4f}")]
+        rows.append({"label": label, "n_scans": int(r["n_scans"]), "cells": cells})
+    return {"rows": rows, "reference_dir": inputs.reference_dir,
+            "n_images": int(wide.loc[wide["group_by"] == "all", "n_scans"].sum())
+            if wide is not None and len(wide) else 0,
+            "problems": inputs.evaluation_problems, "no_reference": inputs.no_reference}
+
+
+def _num(value, fmt: str = "{:.2f}") -> str:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "n/a"
+    return "n/a" if not np.isfinite(value) else fmt.format(value)
+
+
+def _pm(row, metric: str, fmt: str = "{:.2f}") -> str:
+    mean, se = row.get(f"{metric}_mean"), row.get(f"{metric}_se")
+    text = _num(mean, fmt)
+    if text != "n/a" and _num(se, fmt) != "n/a":
+        text += f" ± {_num(se, fmt)}"
+    return text

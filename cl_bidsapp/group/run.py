@@ -1,0 +1,217 @@
+"""The group level: from the participant level's outputs to the numbers a study reports.
+
+Order of work (each step reads derivatives only; nothing is segmented again):
+
+1. one summary per planned image from its record (status, lesion load, brain statistics);
+2. ``group/group_lesions.tsv``, streamed from the per-image lesion tables (checked on the way);
+3. QC flags: outliers, the demo model on real data, the noisy-background fallback, mixed
+   settings;
+4. with ``--reference-masks``: per-image scores, error maps, and summaries per domain and site;
+5. the lesion frequency map in MNI152NLin2009cAsym, when the template is in the TemplateFlow
+   cache;
+6. ``group/group_images.tsv`` (now with every flag) and ``group/group_report.html``.
+
+Problems that concern only some inputs (a missing template, unusable reference masks) do not
+stop the rest: everything else is written first, then the error is raised (exit 66 or 65).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from cl_bidsapp.errors import CLBidsAppError, InputDataError, MissingInputError
+from cl_bidsapp.group import evaluate as evaluation
+from cl_bidsapp.group.domain import domain_rule, find_model_card
+from cl_bidsapp.group.figures import distribution_figure, frequency_figure
+from cl_bidsapp.group.parallel import run_jobs
+from cl_bidsapp.group.qc import flag_outliers, flag_run_conditions
+from cl_bidsapp.group.records import (any_record, column_dictionary, read_participants,
+                                      summarise_image)
+from cl_bidsapp.group.report import REPORT_NAME, ReportInputs, write_report
+from cl_bidsapp.group.tables import (IMAGES_TABLE, LESIONS_TABLE, write_images_table,
+                                     write_lesions_table, write_tsv)
+from cl_bidsapp.io import atomic_path
+
+logger = logging.getLogger(__name__)
+
+GROUP_FOLDER = "group"
+EVALUATION_TABLE = "group_evaluation.tsv"
+EVALUATION_SUMMARY = "group_evaluation_summary.tsv"
+EVALUATION_DOMAINS = "group_evaluation_domains.tsv"
+
+
+def run_group_level(settings, items: Sequence, raw_description: dict, *,
+                    frequency_map: bool = True) -> int:
+    """Run the group level; return the exit code (0), or raise a user-facing error.
+
+    Parameters
+    ----------
+    settings : cl_bidsapp.config.Settings
+        Uses ``output_dir``, ``bids_dir``, ``reference_masks``, ``nprocs``, ``model``,
+        ``models_dir`` and the work folder (registration cache).
+    items : sequence of WorkItem
+        The images that should have outputs (from input planning).
+    raw_description : dict
+        The input dataset's ``dataset_description.json``.
+    frequency_map : bool
+        Make the template-space lesion frequency map (benchmarks turn it off).
+
+    Raises
+    ------
+    MissingInputError
+        No participant outputs at all (exit 66, naming the output folder); or, after
+        everything else is written, the template is not in the TemplateFlow cache.
+    InputDataError
+        After everything else is written: reference masks that could not be used (exit 65).
+    """
+    from cl_bidsapp.models.demo import is_phantom_metadata
+
+    start = time.monotonic()
+    out = Path(settings.output_dir)
+    if not any_record(out, items):
+        raise MissingInputError(
+            "no participant-level outputs here (no sub-*/log/*_record.json)", path=out,
+            hint="run the participant level first: cl-bidsapp BIDS_DIR OUTPUT_DIR participant")
+    group_dir = out / GROUP_FOLDER
+    participants = read_participants(settings.bids_dir)
+    summaries = [summarise_image(item, out, participants) for item in items]
+    logger.info("Group level: %d image(s) planned, %d processed", len(summaries),
+                sum(s.status == "ok" for s in summaries))
+    has_site = any(s.values.get("site") for s in summaries)
+    has_protocol = any(s.protocol for s in summaries)
+    shas = [s.values.get("model_sha256") for s in summaries if s.values.get("model_sha256")]
+    sha = max(set(shas), key=shas.count) if shas else None
+    rule = domain_rule(find_model_card(sha, settings.model, settings.models_dir),
+                       has_site, has_protocol)
+    for s in summaries:
+        s.values["domain"] = rule.classify(s.values.get("site"), s.protocol,
+                                           s.values.get("contrast"))
+
+    n_lesions = write_lesions_table(summaries, group_dir, out)
+    flag_outliers(summaries)
+    flag_run_conditions(summaries, is_phantom_metadata(raw_description))
+
+    problems: list[CLBidsAppError] = []
+    inputs = ReportInputs(dataset=raw_description.get("Name"), domain_rule=rule.describe(),
+                          lesion_rows=n_lesions)
+    if settings.reference_masks:
+        problem = _evaluate(summaries, Path(settings.reference_masks), out, group_dir,
+                            settings.nprocs, inputs)
+        if problem:
+            problems.append(problem)
+    if frequency_map:
+        problem = _frequency_map(summaries, settings, group_dir, inputs)
+        if problem:
+            problems.append(problem)
+    else:
+        inputs.frequency_missing = "not requested for this run."
+
+    write_images_table(summaries, group_dir)
+    inputs.figures["distributions"] = distribution_figure([s.row() for s in summaries])
+    _save_figure(group_dir, "group_desc-distributions_plot.png",
+                 inputs.figures["distributions"])
+    inputs.files = sorted(p.relative_to(out).as_posix() for p in group_dir.glob("*")
+                          if p.is_file() and p.name != REPORT_NAME)
+    write_report(summaries, inputs, group_dir)
+    flagged = sum(bool(s.flags) for s in summaries)
+    logger.info("Group level finished in %.1f s: %s, %s, %s (%d image(s) flagged, %d lesion "
+                "row(s))", time.monotonic() - start, group_dir / IMAGES_TABLE,
+                group_dir / LESIONS_TABLE, group_dir / REPORT_NAME, flagged, n_lesions)
+    if problems:
+        raise _combined(problems)
+    return 0
+
+
+def _evaluate(summaries, reference_dir: Path, out: Path, group_dir: Path, nprocs,
+              inputs: ReportInputs) -> CLBidsAppError | None:
+    inputs.reference_dir = str(reference_dir)
+    if not reference_dir.is_dir():
+        message = "the reference-masks folder does not exist"
+        inputs.evaluation_problems.append(f"{reference_dir}: {message}")
+        return MissingInputError(message, path=reference_dir)
+    jobs, unmatched = evaluation.evaluation_jobs(summaries, reference_dir, out)
+    inputs.no_reference = len(unmatched)
+    by_name = {s.bids_name: s for s in summaries}
+    job_of = {j["bids_name"]: j for j in jobs}
+    rows, unusable = [], []
+    for result in run_jobs(evaluation.evaluate_image, jobs, nprocs):
+        summary = by_name[result["bids_name"]]
+        if result["problem"]:
+            summary.flag("reference_unusable", result["problem"])
+            unusable.append(result["problem"])
+            logger.warning("evaluation of %s skipped: %s", summary.bids_name, result["problem"])
+            continue
+        job = job_of[summary.bids_name]
+        row = {c: summary.values.get(c) for c in ("bids_name", "participant_id", "session_id",
+                                                  "contrast", "site", "domain")}
+        row.update({c: result.get(c) for c in evaluation.SCORE_COLUMNS})
+        row["reference"] = job["reference"]
+        row["error_map"] = Path(job["error_map"]).relative_to(out).as_posix()
+        rows.append(row)
+    logger.info("Evaluation: %d image(s) scored, %d without a reference mask, %d unusable",
+                len(rows), len(unmatched), len(unusable))
+    write_tsv(group_dir / EVALUATION_TABLE, list(column_dictionary("group_evaluation.json")),
+              rows, column_dictionary("group_evaluation.json"))
+    if rows:
+        long, wide = evaluation.summarise_evaluation(pd.DataFrame(rows))
+        write_tsv(group_dir / EVALUATION_SUMMARY,
+                  list(column_dictionary("group_evaluation_summary.json")),
+                  long.to_dict("records"), column_dictionary("group_evaluation_summary.json"))
+        write_tsv(group_dir / EVALUATION_DOMAINS,
+                  list(column_dictionary("group_evaluation_domains.json")),
+                  wide.to_dict("records"), column_dictionary("group_evaluation_domains.json"))
+        inputs.evaluation_wide = wide
+    inputs.evaluation_problems = unusable[:20] + (
+        [f"… and {len(unusable) - 20} more"] if len(unusable) > 20 else [])
+    if unusable:
+        return InputDataError(
+            f"{len(unusable)} reference mask(s) could not be used (the other images were "
+            f"evaluated): " + "; ".join(unusable[:3]) + (" …" if len(unusable) > 3 else ""))
+    return None
+
+
+def _frequency_map(summaries, settings, group_dir: Path, inputs: ReportInputs
+                   ) -> CLBidsAppError | None:
+    from cl_bidsapp.group.frequency import make_frequency_map
+    from cl_bidsapp.group.template import find_template
+
+    try:
+        template = find_template()
+    except MissingInputError as exc:
+        logger.warning("%s", exc)
+        inputs.frequency_missing = str(exc)
+        return exc
+    cache = Path(settings.effective_work_dir()) / "group" / "registration"
+    result = make_frequency_map(summaries, template, group_dir, cache,
+                                Path(settings.output_dir), settings.nprocs)
+    if result.path is None:
+        inputs.frequency_missing = ("no processed image could be registered to the template "
+                                    "(see the flags).")
+        return None
+    inputs.frequency_file = result.path.relative_to(settings.output_dir).as_posix()
+    inputs.frequency_images = result.n_images
+    inputs.frequency_left_out = result.n_left_out
+    figure = frequency_figure(result.path, template.t1w, result.n_images)
+    inputs.figures["frequency"] = figure
+    _save_figure(group_dir, "group_desc-frequency_plot.png", figure)
+    return None
+
+
+def _save_figure(group_dir: Path, name: str, png: bytes | None) -> None:
+    if png is None:
+        return
+    with atomic_path(group_dir / "figures" / name) as tmp:
+        tmp.write_bytes(png)
+
+
+def _combined(problems: list[CLBidsAppError]) -> CLBidsAppError:
+    """One error for the CLI: the first problem's exit code, every message."""
+    if len(problems) == 1:
+        return problems[0]
+    first = problems[0]
+    text = "; and ".join(str(p) for p in problems)
+    return type(first)(text)
