@@ -223,12 +223,18 @@ def test_tpl_and_derivatives_folders_ignored(tmp_path):
     assert [it.image.name for it in _plan(root)] == ["sub-01_T1w.nii.gz"]
 
 
-def test_malformed_sidecar_named(tmp_path):
+def test_malformed_sidecar_fails_that_image_only(tmp_path):
     root = make_dataset(tmp_path / "ds", {
         "sub-01/anat/sub-01_T1w.nii.gz": None, "sub-01/anat/sub-01_T1w.json": "{not json",
+        "sub-02/anat/sub-02_UNIT1.nii.gz": None,
+        "sub-02/anat/sub-02_inv-2_MP2RAGE.nii.gz": None,
+        "sub-02/anat/sub-02_inv-2_MP2RAGE.json": "[1, 2",
+        "sub-03/anat/sub-03_T1w.nii.gz": None,
     })
-    with pytest.raises(InputDataError, match="sub-01_T1w.json: sidecar is not valid JSON"):
-        _plan(root)
+    items = {it.subject: it for it in _plan(root)}
+    assert "sub-01_T1w.json: sidecar is not valid JSON" in items["01"].problem
+    assert "sub-02_inv-2_MP2RAGE.json: sidecar is not valid JSON" in items["02"].problem
+    assert items["03"].problem is None
 
 
 def test_not_a_bids_dataset(tmp_path):

@@ -52,6 +52,7 @@ class WorkItem:
     inv2_metadata: dict[str, Any] = field(default_factory=dict)
     entities: dict[str, str] = field(default_factory=dict)  # short keys, for output names
     source_suffix: str = "T1w"
+    problem: str | None = None  # why this image cannot be processed (reported as a failure)
 
     @property
     def bids_name(self) -> str:
@@ -287,15 +288,23 @@ def discover(layout, participant_label: list[str] | None = None,
     for f in index.files("t1w"):
         if f.path in claimed:
             continue
-        contrast, rule, explain = _classify_t1w(f, index, spec, root)
+        try:
+            contrast, rule, explain = _classify_t1w(f, index, spec, root)
+        except InputDataError as exc:  # a broken sidecar fails this image only
+            add(f, "MPRAGE", "unreadable-sidecar", "its sidecar cannot be read")
+            items[-1].problem = str(exc)
+            continue
         add(f, contrast, rule, explain)
 
     items.extend(_computed_uni_items(index, spec, items))
     for item in items:
         source = item.image if item.image is not None else item.inv2
-        item.metadata = _metadata(source, root)
-        item.inv1_metadata = _metadata(item.inv1, root)
-        item.inv2_metadata = _metadata(item.inv2, root)
+        try:
+            item.metadata = _metadata(source, root)
+            item.inv1_metadata = _metadata(item.inv1, root)
+            item.inv2_metadata = _metadata(item.inv2, root)
+        except InputDataError as exc:
+            item.problem = item.problem or str(exc)
     items.sort(key=lambda it: (it.subject, it.session or "", it.bids_name))
     return items
 

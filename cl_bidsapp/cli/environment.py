@@ -17,10 +17,10 @@ NNUNET_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
 
 def _writable(path: str | None) -> bool:
-    if not path:
+    """True when the user set ``path`` and it can be written (we never create it)."""
+    if not path or not Path(path).is_dir():
         return False
     try:
-        Path(path).mkdir(parents=True, exist_ok=True)
         probe = Path(path) / f".cl-write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
@@ -30,14 +30,22 @@ def _writable(path: str | None) -> bool:
 
 
 def prepare_environment(work_dir: Path, omp_nthreads: int | None = None) -> dict[str, str]:
-    """Point unwritable caches at ``<work_dir>/cache``; return the variables changed."""
+    """Send caches and temporary files to ``<work_dir>``; return the variables changed.
+
+    A run writes only to the output and work folders: caches the user did not point
+    elsewhere (matplotlib, PyTorch, XDG) and ``TMPDIR`` go under the work folder, and an
+    unwritable ``$HOME`` (read-only Apptainer image) is replaced by one there.
+    """
     cache = Path(work_dir) / "cache"
     changed: dict[str, str] = {}
-    for name in CACHE_VARIABLES:
+    for name in CACHE_VARIABLES + ("TMPDIR",):
         if not _writable(os.environ.get(name)):
-            target = cache / name.lower()
+            target = Path(work_dir) / "tmp" if name == "TMPDIR" else cache / name.lower()
             target.mkdir(parents=True, exist_ok=True)
             os.environ[name] = changed[name] = str(target)
+    import tempfile
+
+    tempfile.tempdir = None  # let tempfile see the new TMPDIR
     home = os.environ.get("HOME")
     if not _writable(home):
         os.environ["HOME"] = changed["HOME"] = str(cache / "home")

@@ -18,7 +18,8 @@ from pathlib import Path
 from cl_bidsapp.bids.derivatives import (output_path, save_settings, source_entities,
                                          subject_log_dir, write_dataset_files)
 from cl_bidsapp.bids.discovery import WorkItem
-from cl_bidsapp.errors import ExitCode, OutputError, TemporaryFailure
+from cl_bidsapp.core.protocol import mp2rage_protocol_warnings
+from cl_bidsapp.errors import ExitCode, OutputError
 from cl_bidsapp.interfaces.derivatives import record_path
 from cl_bidsapp.io import write_json
 
@@ -29,6 +30,9 @@ STAGE_WORDS = {
     "model_input": "building the model input", "segment": "nnU-Net segmentation",
     "find_lesions": "finding lesions", "save_derivatives": "writing derivatives",
 }
+OOM_ADVICE = ("set --mem to the memory really available, lower --nprocs (e.g. --nprocs 1), "
+              "or use --device cpu when the GPU memory is the limit; then rerun (finished "
+              "work is reused)")
 _EXIT_BY_NAME = {
     "InputDataError": ExitCode.DATA_ERROR, "MissingInputError": ExitCode.NO_INPUT,
     "OutputError": ExitCode.CANNOT_CREATE, "IOFailure": ExitCode.IO_ERROR,
@@ -86,6 +90,9 @@ def build_options(settings, items, model, device: str, raw_description: dict):
     accepted = set(model.input_contrasts)
     for item in items:
         texts = list(warnings_all)
+        if item.contrast == "MP2RAGE":
+            texts += mp2rage_protocol_warnings(item.metadata, item.inv1_metadata,
+                                               item.inv2_metadata)
         wanted = "UNIT1" if item.contrast == "MP2RAGE" else "T1w"
         if accepted and wanted not in accepted:
             texts.append(f"The model lists {', '.join(sorted(accepted))} as its inputs, not "
@@ -216,8 +223,12 @@ def collect_failures(items, settings, crash_dir: Path, progress: _Progress) -> l
             continue
         crash, cls, message = crashes.get(item.bids_name, (None, "Error",
                                                            "did not finish (see the log)"))
-        failures.append(Failure(item, message, int(_EXIT_BY_NAME.get(cls, ExitCode.UNSPECIFIED)),
-                                crash))
+        code = int(_EXIT_BY_NAME.get(cls, ExitCode.UNSPECIFIED))
+        if code == ExitCode.TEMPORARY and "hint:" not in message:
+            if "memory" not in message.lower():
+                message = f"out of memory ({message})"
+            message = f"{message}\n  hint: {OOM_ADVICE}"
+        failures.append(Failure(item, message, code, crash))
     return failures
 
 
@@ -241,6 +252,39 @@ def _record_failure(failure: Failure, settings) -> None:
     })
 
 
+#: Space one image needs at 1 mm in the work folder (intermediate volumes) and the outputs
+WORK_MB_PER_IMAGE = 400
+MIN_FREE_MB = 200
+
+
+def check_free_space(folder: Path, n_items: int, what: str) -> None:
+    """Refuse to start (exit 74) when the folder's disk cannot hold even one image."""
+    from cl_bidsapp.errors import IOFailure
+
+    usage = shutil.disk_usage(folder)
+    free_mb = usage.free / 2**20
+    need = WORK_MB_PER_IMAGE * max(1, n_items)
+    if free_mb < MIN_FREE_MB:
+        raise IOFailure(f"the {what} has only {free_mb:.0f} MB free; at least {MIN_FREE_MB} MB "
+                        f"are needed to start (about {WORK_MB_PER_IMAGE} MB per 1 mm image)",
+                        path=folder, hint="free space or choose another folder")
+    if free_mb < need:
+        LOGGER.warning("the %s has %.0f MB free; %d image(s) may need up to %d MB", what,
+                       free_mb, n_items, need)
+
+
+def remove_stale_temporaries(output_dir: Path, subjects: set[str]) -> None:
+    """Delete partial files a killed run left in the folders of the subjects about to run."""
+    from cl_bidsapp.io import leftover_temporaries
+
+    for subject in subjects:
+        folder = Path(output_dir) / f"sub-{subject}"
+        if folder.is_dir():
+            for path in leftover_temporaries(folder):
+                LOGGER.info("removing a partial file from an interrupted run: %s", path)
+                path.unlink(missing_ok=True)
+
+
 def run_participant(settings, items: list[WorkItem], raw_description: dict) -> list[Failure]:
     """Process every planned image; return the failures (empty when all succeeded)."""
     from concurrent.futures.process import BrokenProcessPool
@@ -253,6 +297,11 @@ def run_participant(settings, items: list[WorkItem], raw_description: dict) -> l
     _, omp = _default_threads(settings)
     prepare_environment(work_dir, omp)
     model = resolve_model(settings.model, settings.models_dir)
+    check_free_space(work_dir, len(items), "work folder")
+    check_free_space(settings.output_dir, len(items), "output folder")
+    unusable = [Failure(it, it.problem, int(ExitCode.DATA_ERROR)) for it in items if it.problem]
+    items = [it for it in items if not it.problem]
+    remove_stale_temporaries(settings.output_dir, {it.subject for it in items})
     LOGGER.info("Model: %s %s (sha256 %s…)%s", model.name, model.version, model.sha256[:12],
                 " — DEMO model trained on phantoms" if model.is_demo else "")
     device, lines = resolve_device(settings.device)
@@ -264,6 +313,10 @@ def run_participant(settings, items: list[WorkItem], raw_description: dict) -> l
     for subject in sorted({it.subject for it in items}):
         save_settings(settings, subject_log_dir(settings.output_dir, subject, settings.run_id))
 
+    if not items:
+        for failure in unusable:
+            _record_failure(failure, settings)
+        return unusable
     wf = init_cl_wf(items, opts)
     wf.base_dir = str(work_dir)
     crash_dir = work_dir / "crash" / settings.run_id
@@ -278,13 +331,16 @@ def run_participant(settings, items: list[WorkItem], raw_description: dict) -> l
                 {k: v for k, v in plugin_args.items() if k != "status_callback"})
     t0 = time.monotonic()
     run_error: RuntimeError | None = None
+    pool_broken = False
+    runner = plugin
+    if plugin == "MultiProc":
+        from cl_bidsapp.workflows.multiproc import ResilientMultiProcPlugin
+
+        runner = ResilientMultiProcPlugin(plugin_args=plugin_args)
     try:
-        wf.run(plugin=plugin, plugin_args=plugin_args)
+        wf.run(plugin=runner, plugin_args=plugin_args)
     except BrokenProcessPool:
-        raise TemporaryFailure(
-            "a worker process died, almost always because the machine ran out of memory",
-            hint="set --mem to the memory really available, lower --nprocs (e.g. --nprocs 1) "
-                 "or use --device cpu if the GPU memory is the limit") from None
+        pool_broken = True
     except RuntimeError as exc:
         # Nipype re-raises the first node error once every other node has run; the crash
         # files say which images failed and why
@@ -293,8 +349,16 @@ def run_participant(settings, items: list[WorkItem], raw_description: dict) -> l
         raise OutputError(f"the work folder failed ({exc.strerror or exc})", path=work_dir,
                           hint="check free space and permissions, or choose another -w") from None
     failures = collect_failures(items, settings, crash_dir, progress)
+    if pool_broken:
+        for failure in failures:
+            if failure.crash_file is None:
+                failure.message = ("a worker process was killed before this image finished, "
+                                   "almost always because the machine ran out of memory\n  "
+                                   f"hint: {OOM_ADVICE}")
+                failure.exit_code = int(ExitCode.TEMPORARY)
     if run_error is not None and not failures:
         raise run_error
+    failures = unusable + failures
     for failure in failures:
         _record_failure(failure, settings)
     done = len(items) - len(failures)
