@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cl_bidsapp import __version__
-from cl_bidsapp.errors import CLBidsAppError, ExitCode, NoFilesSelected, UsageError
+from cl_bidsapp.errors import CLBidsAppError, ExitCode, NoFilesSelected
 
 LOGGER = logging.getLogger("cl_bidsapp")
 
@@ -100,8 +100,10 @@ def run(settings) -> int:
     from cl_bidsapp.cli.parser import check_writable
 
     check_writable(settings.output_dir, "output folder")
-    if "participant" in settings.levels:
-        check_writable(settings.effective_work_dir(), "work folder")
+    check_writable(settings.effective_work_dir(), "work folder")
+    from cl_bidsapp.cli.environment import prepare_environment
+
+    prepare_environment(settings.effective_work_dir(), settings.omp_nthreads)
     code = ExitCode.OK
     if "participant" in settings.levels:
         from cl_bidsapp.cli.participant import run_participant
@@ -110,7 +112,9 @@ def run(settings) -> int:
         if failures:
             code = report_failures(failures, len(items))
     if "group" in settings.levels:
-        code = run_group(settings) or code
+        from cl_bidsapp.group import run_group_level
+
+        code = run_group_level(settings, items, raw_description) or code
     return code
 
 
@@ -123,10 +127,6 @@ def report_failures(failures, n_items: int) -> int:
               file=sys.stderr)
     codes = {f.exit_code for f in failures}
     return codes.pop() if len(codes) == 1 else int(ExitCode.UNSPECIFIED)
-
-
-def run_group(settings) -> int:
-    raise UsageError(f"the group level is not available yet in cl-bidsapp {__version__}")
 
 
 def main(argv: list[str] | None = None) -> int:
