@@ -18,32 +18,23 @@ True
 from __future__ import annotations
 
 import base64
-import io
 import logging
-import os
-import sys
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from cl_bidsapp.reports.canvas import (BRAIN_COLOUR, HEADER_INCHES, LESION_COLOUR, MIME,
+                                       OTHER_LESION_COLOUR, draw_panel, figure_bytes,
+                                       header_band, new_figure, panel_label, window_around)
 from cl_bidsapp.reports.display import (DisplayImage, as_display, bounding_box,
                                         intensity_window, lesion_centres, pick_slices,
                                         view_slice, view_spacing)
 
 logger = logging.getLogger(__name__)
 
-#: Colours shared by the subject and group reports (legible on a grey-scale MRI).
-BRAIN_COLOUR = "#22d3ee"
-LESION_COLOUR = "#ff3b30"
-OTHER_LESION_COLOUR = "#facc15"
-OVERLAY_CMAP = "autumn"
-MIME = {"png": "image/png", "svg": "image/svg+xml"}
-
 _PANEL_INCHES = 2.0
 _ZOOM_INCHES = 1.8
-_HEADER_INCHES = 0.34
 _DPI = 100
 
 
@@ -131,20 +122,20 @@ def mosaic(background_img, contour_img=None, overlay_img=None, *, n_slices: int 
     rows = -(-len(local) // columns)
     panel_w = _PANEL_INCHES
     panel_h = panel_w * aspect
-    width, height = columns * panel_w, rows * panel_h + _HEADER_INCHES
-    fig = _figure(width, height)
+    width, height = columns * panel_w, rows * panel_h + HEADER_INCHES
+    fig = new_figure(width, height)
     scalar = None
     for n, index in enumerate(local):
         r, c = divmod(n, columns)
-        ax = fig.add_axes([c * panel_w / width, 1 - (_HEADER_INCHES + (r + 1) * panel_h) / height,
+        ax = fig.add_axes([c * panel_w / width, 1 - (HEADER_INCHES + (r + 1) * panel_h) / height,
                            panel_w / width, panel_h / height])
-        scalar = _draw_panel(ax, bg, view, index, (col_mm, row_mm), (lo, hi), cts, colours,
+        scalar = draw_panel(ax, bg, view, index, (col_mm, row_mm), (lo, hi), cts, colours,
                              ov, overlay_threshold, overlay_range,
                              fills=contour_fills) or scalar
         world = background.world(_panel_centre(box, axis, slices[n]))[axis]
-        _label(ax, f"{'xyz'[axis]} = {world:.0f} mm")
-    _header(fig, height, title, contours, colours, contour_labels, scalar, overlay_label)
-    return _save(fig, fmt, dpi)
+        panel_label(ax, f"{'xyz'[axis]} = {world:.0f} mm")
+    header_band(fig, height, title, contours, colours, contour_labels, scalar, overlay_label)
+    return figure_bytes(fig, fmt, dpi)
 
 
 def lesion_zooms(background_img, lesion_img, labels: Sequence[int] | None = None, *,
@@ -202,28 +193,28 @@ def lesion_zooms(background_img, lesion_img, labels: Sequence[int] | None = None
             logger.debug("lesion %d is not in the instance map; no close-up", label)
             continue
         centre = centres[label]
-        fig = _figure(len(views) * _ZOOM_INCHES, _ZOOM_INCHES + _HEADER_INCHES)
-        height = _ZOOM_INCHES + _HEADER_INCHES
+        fig = new_figure(len(views) * _ZOOM_INCHES, _ZOOM_INCHES + HEADER_INCHES)
+        height = _ZOOM_INCHES + HEADER_INCHES
         half = [max(int(round(fov_mm / 2 / z)), 2) for z in background.zooms]
-        bg = _window_around(background.data, centre, half)
-        inst = _window_around(instances, centre, half)
+        bg = window_around(background.data, centre, half)
+        inst = window_around(instances, centre, half)
         this = inst == label
         others = (inst > 0) & ~this
-        pr = _window_around(prob, centre, half) if prob is not None else None
+        pr = window_around(prob, centre, half) if prob is not None else None
         for n, view in enumerate(views):
             ax = fig.add_axes([n / len(views), 0, 1 / len(views), _ZOOM_INCHES / height])
             axis = {"sagittal": 0, "coronal": 1, "axial": 2}[view]
             show_prob = pr is not None and n == 3
-            _draw_panel(ax, bg, view, half[axis], view_spacing(background.zooms, view),
+            draw_panel(ax, bg, view, half[axis], view_spacing(background.zooms, view),
                         (lo, hi), [] if show_prob else [others, this],
                         [OTHER_LESION_COLOUR, LESION_COLOUR], pr if show_prob else None,
                         overlay_threshold, (0.0, 1.0), linewidth=1.4,
                         interpolation="nearest")
-            _label(ax, "probability" if show_prob else view)
+            panel_label(ax, "probability" if show_prob else view)
         caption = (captions or {}).get(label, f"lesion {label}")
-        fig.text(0.01, 1 - (_HEADER_INCHES / 2) / height, caption, color="white", fontsize=8,
+        fig.text(0.01, 1 - (HEADER_INCHES / 2) / height, caption, color="white", fontsize=8,
                  va="center")
-        figures.append((label, _save(fig, fmt, dpi)))
+        figures.append((label, figure_bytes(fig, fmt, dpi)))
     return figures
 
 
@@ -262,7 +253,7 @@ def histogram(values, bins: int = 60, *, value_range: tuple[float, float] | None
     """
     values = np.asarray(values, dtype=float).ravel()
     values = values[np.isfinite(values)]
-    fig = _figure(5.0, 2.2, facecolor="white")
+    fig = new_figure(5.0, 2.2, facecolor="white")
     ax = fig.add_axes([0.12, 0.22, 0.84, 0.64 if title else 0.72])
     if values.size:
         ax.hist(values, bins=bins, range=value_range, color=color, log=log)
@@ -279,7 +270,7 @@ def histogram(values, bins: int = 60, *, value_range: tuple[float, float] | None
         ax.spines[side].set_visible(False)
     if title:
         fig.text(0.01, 0.97, title, fontsize=9, va="top")
-    return _save(fig, fmt, dpi)
+    return figure_bytes(fig, fmt, dpi)
 
 
 def save_figure(data: bytes, path: str | Path) -> Path:
@@ -304,116 +295,6 @@ def _panel_centre(box, axis: int, index: int) -> list[float]:
     centre = [(s.start + s.stop - 1) / 2 for s in box]
     centre[axis] = index
     return centre
-
-
-def _window_around(data: np.ndarray, centre, half) -> np.ndarray:
-    """The block of ``2 * half + 1`` voxels centred on ``centre``, zero-padded at the edges."""
-    out = np.zeros([2 * h + 1 for h in half], dtype=data.dtype)
-    src, dst = [], []
-    for c, h, n in zip(centre, half, data.shape):
-        lo, hi = max(c - h, 0), min(c + h + 1, n)
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - (c - h), hi - (c - h)))
-    out[tuple(dst)] = data[tuple(src)]
-    return out
-
-
-def _label(ax, text: str) -> None:
-    ax.text(0.03, 0.03, text, transform=ax.transAxes, color="white", fontsize=6.5,
-            bbox={"facecolor": "black", "alpha": 0.55, "pad": 1.2, "linewidth": 0})
-
-
-def _draw_panel(ax, bg, view, index, spacing, window, contours, colours, overlay,
-                threshold, overlay_range, linewidth=1.0, interpolation="antialiased",
-                fills=None):
-    """Draw one slice; return the overlay's image artist (for a colour bar) or None."""
-    img2d = view_slice(bg, view, index)
-    rows, cols = img2d.shape
-    extent = (0, cols * spacing[0], 0, rows * spacing[1])
-    ax.set_facecolor("black")
-    ax.imshow(img2d, cmap="gray", vmin=window[0], vmax=window[1], origin="lower",
-              extent=extent, interpolation=interpolation, aspect="equal")
-    artist = None
-    if overlay is not None:
-        ov = view_slice(overlay, view, index).astype(float)
-        ov = np.ma.masked_less(ov, threshold)
-        artist = ax.imshow(ov, cmap=OVERLAY_CMAP, vmin=overlay_range[0], vmax=overlay_range[1],
-                           origin="lower", extent=extent, interpolation="nearest",
-                           alpha=0.75, aspect="equal")
-    xs = (np.arange(cols) + 0.5) * spacing[0]
-    ys = (np.arange(rows) + 0.5) * spacing[1]
-    for n, (mask, colour) in enumerate(zip(contours, colours)):
-        part = view_slice(mask, view, index) > 0
-        if not part.any() or part.all():
-            continue
-        alpha = fills[n] if fills is not None and n < len(fills) else 0.0
-        if alpha > 0:
-            ax.imshow(np.ma.masked_equal(part, False), cmap=_single_colour(colour),
-                      vmin=0, vmax=1, origin="lower", extent=extent, alpha=alpha,
-                      interpolation="nearest", aspect="equal")
-        ax.contour(xs, ys, part.astype(np.float32), levels=[0.5], colors=[colour],
-                   linewidths=linewidth)
-    ax.set_xlim(extent[0], extent[1])
-    ax.set_ylim(extent[2], extent[3])
-    ax.set_axis_off()
-    return artist
-
-
-def _header(fig, height, title, contours, colours, labels, scalar, overlay_label) -> None:
-    from matplotlib.lines import Line2D
-
-    y = 1 - (_HEADER_INCHES / 2) / height
-    if title:
-        fig.text(0.005, y, title, color="white", fontsize=9, va="center", weight="bold")
-    if labels and contours:
-        handles = [Line2D([], [], color=c, lw=1.5) for c in colours[:len(contours)]]
-        fig.legend(handles, list(labels)[:len(contours)], loc="center right",
-                   bbox_to_anchor=(0.995, y), ncols=len(handles), frameon=False,
-                   labelcolor="white", fontsize=8, handlelength=1.5)
-    if scalar is not None:
-        width = fig.get_figwidth()
-        cax = fig.add_axes([0.40, y - 0.07 / height, 1.6 / width, 0.14 / height])
-        bar = fig.colorbar(scalar, cax=cax, orientation="horizontal")
-        bar.ax.tick_params(labelsize=6, colors="white", length=2, pad=1)
-        bar.outline.set_edgecolor("white")
-        if overlay_label:
-            fig.text(0.40 + 1.7 / width, y, overlay_label, color="white", fontsize=8,
-                     va="center")
-
-
-def _single_colour(colour: str):
-    from matplotlib.colors import ListedColormap
-
-    return ListedColormap([colour])
-
-
-def _figure(width: float, height: float, facecolor: str = "black"):
-    _configure_matplotlib()
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), facecolor=facecolor)
-
-
-def _save(fig, fmt: str, dpi: int) -> bytes:
-    import matplotlib
-
-    if fmt not in MIME:
-        raise ValueError(f"figure format must be png or svg, not {fmt!r}")
-    buffer = io.BytesIO()
-    # fixed hash salt and no date: the same figure gives the same bytes on every rebuild
-    with matplotlib.rc_context({"svg.hashsalt": "cl-bidsapp", "svg.fonttype": "path"}):
-        metadata = {"Date": None} if fmt == "svg" else {"Software": None}
-        fig.savefig(buffer, format=fmt, dpi=dpi, facecolor=fig.get_facecolor(),
-                    metadata=metadata)
-    return buffer.getvalue()
-
-
-def _configure_matplotlib() -> None:
-    """Keep matplotlib's cache out of the user's home (read-only in containers)."""
-    if "matplotlib" not in sys.modules and "MPLCONFIGDIR" not in os.environ:
-        folder = Path(tempfile.gettempdir()) / f"cl-bidsapp-matplotlib-{os.getuid()}"
-        folder.mkdir(mode=0o700, exist_ok=True)
-        os.environ["MPLCONFIGDIR"] = str(folder)
 
 
 __all__ = ["mosaic", "lesion_zooms", "histogram", "data_uri", "save_figure", "DisplayImage",
