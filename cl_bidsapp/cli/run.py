@@ -104,6 +104,17 @@ def run(settings) -> int:
     from cl_bidsapp.cli.environment import prepare_environment
 
     prepare_environment(settings.effective_work_dir(), settings.omp_nthreads)
+    if settings.boilerplate_only:
+        from cl_bidsapp.reports import write_citation
+
+        print(write_citation(settings.output_dir, settings))
+        return ExitCode.OK
+    if settings.reports_only:
+        from cl_bidsapp.reports import build_subject_reports
+
+        for page in build_subject_reports(settings.output_dir, subjects):
+            print(page)
+        return ExitCode.OK
     code = ExitCode.OK
     if "participant" in settings.levels:
         from cl_bidsapp.cli.participant import run_participant
@@ -111,11 +122,31 @@ def run(settings) -> int:
         failures = run_participant(settings, items, raw_description)
         if failures:
             code = report_failures(failures, len(items))
+        code = build_reports(settings, subjects) or code
     if "group" in settings.levels:
         from cl_bidsapp.group import run_group_level
 
         code = run_group_level(settings, items, raw_description) or code
     return code
+
+
+def build_reports(settings, subjects: list[str]) -> int:
+    """Write each subject's HTML page and logs/CITATION.md; a report bug never hides results."""
+    from cl_bidsapp.reports import build_subject_reports
+
+    try:
+        pages = build_subject_reports(settings.output_dir, subjects, settings.run_id)
+    except CLBidsAppError as err:
+        _say_error(err)
+        return int(err.exit_code)
+    except Exception as exc:  # noqa: BLE001 - the derivatives are written; say what failed
+        crash = _crash_report(exc, settings)
+        print(f"cl-bidsapp: error: the HTML reports could not be written ({type(exc).__name__}: "
+              f"{exc}); the derivatives are complete{'; details in ' + str(crash) if crash else ''}",
+              file=sys.stderr)
+        return int(ExitCode.UNSPECIFIED)
+    LOGGER.info("Reports: %s", ", ".join(str(p) for p in pages))
+    return int(ExitCode.OK)
 
 
 def report_failures(failures, n_items: int) -> int:
