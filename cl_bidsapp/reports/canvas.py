@@ -23,6 +23,7 @@ OVERLAY_CMAP = "autumn"
 MIME = {"png": "image/png", "svg": "image/svg+xml"}
 
 HEADER_INCHES = 0.34
+_EDGE = 8
 
 
 def window_around(data: np.ndarray, centre, half) -> np.ndarray:
@@ -44,8 +45,12 @@ def panel_label(ax, text: str) -> None:
 
 def draw_panel(ax, bg, view, index, spacing, window, contours, colours, overlay,
                threshold, overlay_range, linewidth=1.0, interpolation="antialiased",
-               fills=None):
-    """Draw one slice; return the overlay's image artist (for a colour bar) or None."""
+               fills=None, voxel_edges=False):
+    """Draw one slice; return the overlay's image artist (for a colour bar) or None.
+
+    Outlines run through voxel centres (smooth, for mosaics), or with ``voxel_edges`` along
+    the voxels' borders, so that a close-up shows exactly which voxels a lesion has.
+    """
     img2d = view_slice(bg, view, index)
     rows, cols = img2d.shape
     extent = (0, cols * spacing[0], 0, rows * spacing[1])
@@ -70,8 +75,15 @@ def draw_panel(ax, bg, view, index, spacing, window, contours, colours, overlay,
             ax.imshow(np.ma.masked_equal(part, False), cmap=single_colour(colour),
                       vmin=0, vmax=1, origin="lower", extent=extent, alpha=alpha,
                       interpolation="nearest", aspect="equal")
-        ax.contour(xs, ys, part.astype(np.float32), levels=[0.5], colors=[colour],
-                   linewidths=linewidth)
+        if voxel_edges:
+            # upsampled voxels put the 0.5 level on (nearly) the voxel borders
+            fine = np.kron(part, np.ones((_EDGE, _EDGE), bool)).astype(np.float32)
+            ax.contour((np.arange(cols * _EDGE) + 0.5) * spacing[0] / _EDGE,
+                       (np.arange(rows * _EDGE) + 0.5) * spacing[1] / _EDGE, fine,
+                       levels=[0.5], colors=[colour], linewidths=linewidth)
+        else:
+            ax.contour(xs, ys, part.astype(np.float32), levels=[0.5], colors=[colour],
+                       linewidths=linewidth)
     ax.set_xlim(extent[0], extent[1])
     ax.set_ylim(extent[2], extent[3])
     ax.set_axis_off()

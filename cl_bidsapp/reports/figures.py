@@ -208,8 +208,8 @@ def lesion_zooms(background_img, lesion_img, labels: Sequence[int] | None = None
             draw_panel(ax, bg, view, half[axis], view_spacing(background.zooms, view),
                         (lo, hi), [] if show_prob else [others, this],
                         [OTHER_LESION_COLOUR, LESION_COLOUR], pr if show_prob else None,
-                        overlay_threshold, (0.0, 1.0), linewidth=1.4,
-                        interpolation="nearest")
+                        overlay_threshold, (0.0, 1.0), linewidth=0.9,
+                        interpolation="nearest", voxel_edges=True)
             panel_label(ax, "probability" if show_prob else view)
         caption = (captions or {}).get(label, f"lesion {label}")
         fig.text(0.01, 1 - (HEADER_INCHES / 2) / height, caption, color="white", fontsize=8,
