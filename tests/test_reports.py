@@ -224,9 +224,44 @@ def test_citation_follows_the_tools_recorded():
     assert "Hoopes" in text and "Fisch et al" not in text and "O'Brien" not in text
     assert "Marques" not in text and "with mirroring test-time augmentation" in text
     assert "thresholded at 0.55" in text and "a GPU" in text and "fold disagreement" not in text
+    from cl_bidsapp.config import Settings
+
+    assert "thresholded at 0.3" in citation_markdown(
+        [{"status": "failed"}], settings=Settings(threshold=0.3))
     failed_only = citation_markdown([{"status": "failed"}], settings={
         "segmentation": {"threshold": 0.4, "skull_strip_tool": "deepbet", "tta": False}})
     assert "thresholded at 0.4" in failed_only and "Fisch et al" in failed_only
+
+
+def _as_sessions(phantom: Path, root: Path) -> Path:
+    """A copy of sub-01 of the phantom as two sessions (files renamed with ``ses-``)."""
+    bids = root / "bids"
+    for session in ("1", "2"):
+        for src_dir, dst_dir in ((phantom / "sub-01" / "anat",
+                                  bids / "sub-01" / f"ses-{session}" / "anat"),
+                                 (phantom / "derivatives/reference/sub-01/anat",
+                                  bids / f"derivatives/reference/sub-01/ses-{session}/anat")):
+            dst_dir.mkdir(parents=True)
+            for path in src_dir.iterdir():
+                new = path.name.replace("sub-01_", f"sub-01_ses-{session}_")
+                shutil.copy(path, dst_dir / new)
+    shutil.copy(phantom / "dataset_description.json", bids / "dataset_description.json")
+    return bids
+
+
+def test_sessions_get_one_section_each_on_one_page(phantom_2mm, tmp_path):
+    bids = _as_sessions(phantom_2mm, tmp_path)
+    out = tmp_path / "out"
+    fake_participant_outputs(out, bids, "01", session="1", folds=(0,))
+    fake_failed_image(out, bids, "01", session="2", message="INV2 is missing", exit_code=66)
+    html = build_subject_report(out, "01").read_text()
+    assert "1 of 2 image(s) failed" in html
+    assert html.count('<section class="image"') == 2
+    assert 'id="sub-01_ses-1_UNIT1"' in html and 'id="sub-01_ses-2_UNIT1"' in html
+    assert "INV2 is missing" in html and "exit code 66" in html
+    figures = {p.name for p in (out / "sub-01" / "figures").iterdir()}
+    assert "sub-01_ses-1_desc-lesions_mosaic.png" in figures
+    assert not any("ses-2" in name for name in figures)
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
