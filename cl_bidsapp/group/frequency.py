@@ -11,7 +11,9 @@ Output: ``group/group_space-MNI152NLin2009cAsym_res-01_label-CL_desc-frequency_p
 """
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,16 +81,24 @@ def make_frequency_map(summaries: Sequence[ImageSummary], template: TemplateFile
                      "template_t1w": str(template.t1w), "template_mask": str(template.brain_mask),
                      "template_key": template.cache_key(), "cache_dir": str(cache_dir)})
     result = FrequencyMap()
-    workers = worker_count(nprocs, len(jobs))
-    import os
+    from cl_bidsapp.group.register import is_cached
 
+    # cached transforms only need warping (a fraction of a second): not worth a worker
+    cached = [job for job in jobs if is_cached(job)]
+    cached_names = {job["bids_name"] for job in cached}
+    to_register = [job for job in jobs if job["bids_name"] not in cached_names]
+    workers = worker_count(nprocs, len(to_register))
     threads = max(1, (nprocs or os.cpu_count() or 1) // workers)
-    logger.info("Lesion frequency map: registering %d image(s) to %s with %d process(es)",
-                len(jobs), template.name, workers)
+    logger.info("Lesion frequency map: %d image(s) to register to %s with %d process(es), %d "
+                "transform(s) in the cache", len(to_register), template.name, workers,
+                len(cached))
     template_img = nib.load(str(template.t1w))
     total = None
     sources = []
-    for out in run_jobs(_register_job, jobs, nprocs, _worker_setup, (threads,)):
+    outputs = itertools.chain(run_jobs(_register_job, cached, 1, _worker_setup, (threads,)),
+                              run_jobs(_register_job, to_register, nprocs, _worker_setup,
+                                       (threads,)))
+    for out in outputs:
         summary = by_name[out["bids_name"]]
         dice = out.get("brain_dice")
         summary.values["template_brain_dice"] = None if dice is None else round(dice, 4)
@@ -130,7 +140,7 @@ def make_frequency_map(summaries: Sequence[ImageSummary], template: TemplateFile
                          "Moving": "desc-preproc model input (brain-extracted)",
                          "Fixed": "template T1w masked by its desc-brain mask",
                          "MinimumBrainDice": MIN_TEMPLATE_DICE},
-        "Sources": sources,
+        "Sources": sorted(sources),
     })
     result.seconds = time.monotonic() - start
     logger.info("Lesion frequency map of %d image(s) written in %.1f s (%d transform(s) from "

@@ -12,31 +12,34 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from cl_bidsapp.errors import TemporaryFailure
 
 logger = logging.getLogger(__name__)
 
 
-def worker_count(nprocs: int | None, n_jobs: int) -> int:
-    """Processes to use: ``nprocs`` (default: all CPUs), never more than the jobs.
+def worker_count(nprocs: int | None, n_jobs: int, jobs_per_worker: int = 1) -> int:
+    """Processes to use: ``nprocs`` (default: all CPUs), at most one per ``jobs_per_worker``.
 
-    >>> worker_count(8, 3), worker_count(None, 0)
-    (3, 1)
+    Starting a worker costs a few seconds (imports), so quick jobs need several per worker
+    to be worth it.
+
+    >>> worker_count(8, 3), worker_count(None, 0), worker_count(4, 10, jobs_per_worker=4)
+    (3, 1, 2)
     """
     wanted = nprocs or os.cpu_count() or 1
-    return max(1, min(int(wanted), n_jobs))
+    return max(1, min(int(wanted), n_jobs // max(1, jobs_per_worker)))
 
 
 def run_jobs(function: Callable[[Any], Any], jobs: Sequence[Any], nprocs: int | None,
              initializer: Callable[..., None] | None = None,
-             initargs: tuple = ()) -> Iterator[Any]:
+             initargs: tuple = (), jobs_per_worker: int = 1) -> Iterator[Any]:
     """Yield ``function(job)`` for each job, in the order of ``jobs``.
 
     With one worker everything runs here (no process start-up cost, easier debugging).
     """
-    workers = worker_count(nprocs, len(jobs))
+    workers = worker_count(nprocs, len(jobs), jobs_per_worker)
     if workers == 1:
         if initializer is not None:
             initializer(*initargs)
@@ -55,19 +58,3 @@ def run_jobs(function: Callable[[Any], Any], jobs: Sequence[Any], nprocs: int | 
         raise TemporaryFailure(
             "a group-level worker process died, almost always because the machine ran out of "
             "memory", hint="lower --nprocs (e.g. --nprocs 1)") from None
-
-
-def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    """Consecutive lists of at most ``size`` items.
-
-    >>> list(chunks(range(5), 2))
-    [[0, 1], [2, 3], [4]]
-    """
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

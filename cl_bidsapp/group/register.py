@@ -105,7 +105,7 @@ def _run_stage(fixed, fixed_mask, moving, initial):
     method.SetMetricFixedMask(fixed_mask)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=1.0, minStep=1e-4, numberOfIterations=200, relaxationFactor=0.5,
+        learningRate=1.0, minStep=1e-4, numberOfIterations=100, relaxationFactor=0.5,
         gradientMagnitudeTolerance=1e-6)
     method.SetOptimizerScalesFromPhysicalShift()
     spacing = min(fixed.GetSpacing())
@@ -136,6 +136,28 @@ def warp_mask(mask_path: str | Path, transform, reference) -> np.ndarray:
     return sitk.GetArrayViewFromImage(warped).transpose(2, 1, 0) > 0
 
 
+def _cache_files(cache_dir: Path, name: str) -> tuple[Path, Path]:
+    tfm = Path(cache_dir) / f"{name}_from-image_to-template_xfm.tfm"
+    return tfm, tfm.with_suffix(".json")
+
+
+def _cache_key(moving_path: Path, template_key: str) -> dict[str, str]:
+    return {"version": REGISTRATION_VERSION, "template": template_key,
+            "moving_sha256": file_sha256(moving_path)}
+
+
+def is_cached(job: dict[str, Any]) -> bool:
+    """True when the job's transform is in the cache and still valid."""
+    tfm, meta = _cache_files(Path(job["cache_dir"]), job["bids_name"])
+    if not (tfm.is_file() and meta.is_file()):
+        return False
+    try:
+        return json.loads(meta.read_text()) == _cache_key(Path(job["preproc"]),
+                                                         job["template_key"])
+    except (OSError, ValueError):
+        return False
+
+
 def cached_transform(moving_path: Path, template_key: str, cache_dir: Path,
                      name: str, template_t1w: Path, template_mask: Path):
     """The image's transform from the cache, or registered now and cached.
@@ -145,10 +167,8 @@ def cached_transform(moving_path: Path, template_key: str, cache_dir: Path,
     transform, cached : SimpleITK.Transform, bool
     """
     sitk = _sitk()
-    key = {"version": REGISTRATION_VERSION, "template": template_key,
-           "moving_sha256": file_sha256(moving_path)}
-    tfm = Path(cache_dir) / f"{name}_from-image_to-template_xfm.tfm"
-    meta = tfm.with_suffix(".json")
+    key = _cache_key(moving_path, template_key)
+    tfm, meta = _cache_files(cache_dir, name)
     if tfm.is_file() and meta.is_file():
         try:
             if json.loads(meta.read_text()) == key:

@@ -138,7 +138,8 @@ def _evaluate(summaries, reference_dir: Path, out: Path, group_dir: Path, nprocs
     by_name = {s.bids_name: s for s in summaries}
     job_of = {j["bids_name"]: j for j in jobs}
     rows, unusable = [], []
-    for result in run_jobs(evaluation.evaluate_image, jobs, nprocs):
+    # about a second per image: a worker pays off only over several images
+    for result in run_jobs(evaluation.evaluate_image, jobs, nprocs, jobs_per_worker=4):
         summary = by_name[result["bids_name"]]
         if result["problem"]:
             summary.flag("reference_unusable", result["problem"])

@@ -1,0 +1,210 @@
+"""The group level end to end on a two-protocol phantom dataset (two sites).
+
+Participant outputs are written from the phantoms' ground truth with known changes (one lesion
+dropped, one blob added per image; :func:`cl_bidsapp.group.testing.phantom_outputs`), so the
+evaluation's answer is known without running nnU-Net.
+
+TEST STAND-IN for TemplateFlow: the real MNI152NLin2009cAsym files cannot be downloaded here, so
+nilearn's MNI152 2009a template and brain mask (2 mm, shipped inside the nilearn package) are
+written under the MNI152NLin2009cAsym ``res-01`` file names in a temporary TemplateFlow folder.
+The app only reads files by those names; the maps made in these tests are NOT on the real
+template.
+"""
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from cl_bidsapp.cli.run import plan
+from cl_bidsapp.config import Settings
+from cl_bidsapp.errors import InputDataError, MissingInputError
+from cl_bidsapp.group import run_group_level
+from cl_bidsapp.group.frequency import MAP_NAME
+from cl_bidsapp.group.template import BRAIN_MASK_NAME, T1W_NAME
+from cl_bidsapp.group.testing import FAKE_MODEL, phantom_outputs
+from cl_bidsapp.models.card import sha256_bytes
+from cl_bidsapp.simulate import simulate_dataset
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def stand_in_templateflow(tmp_path_factory):
+    """TEST STAND-IN: nilearn's MNI152 2009a (2 mm) under the 2009cAsym res-01 names."""
+    from nilearn import datasets
+
+    home = tmp_path_factory.mktemp("templateflow")
+    folder = home / "tpl-MNI152NLin2009cAsym"
+    folder.mkdir()
+    t1w = datasets.load_mni152_template(resolution=2)
+    mask = datasets.load_mni152_brain_mask(resolution=2)
+    nib.save(nib.Nifti1Image(np.asarray(t1w.dataobj, np.float32), t1w.affine),
+             str(folder / T1W_NAME))
+    nib.save(nib.Nifti1Image(np.asarray(mask.dataobj, np.uint8), mask.affine),
+             str(folder / BRAIN_MASK_NAME))
+    return home
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """3 phantoms (site01: 3T-MP2RAGE x2, site02: 3T-MPRAGE), outputs, a model card."""
+    root = tmp_path_factory.mktemp("study")
+    bids, out = root / "bids", root / "out"
+    simulate_dataset(bids, n_subjects=3, protocols=("3T-MP2RAGE", "3T-MPRAGE"),
+                     voxel_size=2.0, seed=11)
+    card = json.dumps({"name": "phantom-model", "input": {"contrasts": ["UNIT1"]},
+                       "training": {"simulator": {"protocols": ["3T-MP2RAGE"]}}}).encode()
+    (root / "models" / "phantom-model").mkdir(parents=True)
+    (root / "models" / "phantom-model" / "cl_model.json").write_bytes(card)
+    settings = Settings(bids_dir=bids, output_dir=out, work_dir=root / "work", nprocs=2,
+                        models_dir=root / "models", skip_bids_validation=True,
+                        reference_masks=bids / "derivatives" / "reference")
+    _, items = plan(settings)
+    model = FAKE_MODEL | {"Name": "phantom-model", "SHA256": sha256_bytes(card)}
+    phantom_outputs(bids, out, items, seed=0, model=model)
+    return settings, items
+
+
+@pytest.fixture(scope="module")
+def finished(study, stand_in_templateflow):
+    settings, items = study
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TEMPLATEFLOW_HOME", str(stand_in_templateflow))
+        code = run_group_level(settings, items, {"Name": "phantoms"})
+    return settings, items, code
+
+
+def _tsv(path):
+    import pandas as pd
+
+    return pd.read_csv(path, sep="\t", keep_default_na=False, na_values=["n/a"])
+
+
+def test_the_group_level_writes_every_output(finished):
+    settings, items, code = finished
+    assert code == 0
+    group = settings.output_dir / "group"
+    for name in ("group_images.tsv", "group_lesions.tsv", "group_evaluation.tsv",
+                 "group_evaluation_summary.tsv", "group_evaluation_domains.tsv", MAP_NAME,
+                 "group_report.html", "figures/group_desc-distributions_plot.png",
+                 "figures/group_desc-frequency_plot.png"):
+        assert (group / name).is_file(), name
+    images = _tsv(group / "group_images.tsv")
+    assert len(images) == len(items) and set(images["status"]) == {"ok"}
+    assert set(images["site"]) == {"site01", "site02"}
+
+
+def test_evaluation_finds_exactly_the_changes_made_to_the_truth(finished):
+    settings, items, _ = finished
+    scores = _tsv(settings.output_dir / "group" / "group_evaluation.tsv").set_index("bids_name")
+    assert len(scores) == len(items)
+    for item in items:
+        folder = settings.reference_masks / f"sub-{item.subject}" / "anat"
+        truth = np.asarray(nib.load(str(folder / f"sub-{item.subject}_label-CL_mask.nii.gz"))
+                           .dataobj) > 0
+        _, n = ndimage.label(truth, np.ones((3, 3, 3)))
+        row = scores.loc[item.bids_name]
+        # one reference lesion dropped, one blob added far from every lesion
+        assert (row["n_reference"], row["tp"], row["fn"], row["fp"], row["us"]) == (
+            n, n - 1, 1, 1, 0)
+        error_map = settings.output_dir / row["error_map"]
+        assert error_map.is_file() and error_map.name.endswith("_label-CL_desc-errors_dseg.nii.gz")
+        values = set(np.unique(np.asarray(nib.load(str(error_map)).dataobj)).tolist())
+        assert values == {0, 1, 2, 4}
+
+
+def test_evaluation_is_summarised_per_domain_and_per_site(finished):
+    settings, _, _ = finished
+    wide = _tsv(settings.output_dir / "group" / "group_evaluation_domains.tsv")
+    assert list(wide["group"]) == ["all", "in-domain", "out-of-domain", "site01", "site02"]
+    # the card was trained on 3T-MP2RAGE, which is site01's protocol
+    rows = wide.set_index("group")
+    assert rows.loc["in-domain", "n_scans"] == rows.loc["site01", "n_scans"] == 2
+    assert rows.loc["out-of-domain", "n_scans"] == rows.loc["site02", "n_scans"] == 1
+    assert rows.loc["all", "fn"] == rows.loc["site01", "fn"] + rows.loc["site02", "fn"]
+    assert rows.loc["all", "f1_se"] > 0
+
+
+def test_the_frequency_map_is_a_fraction_of_images_inside_the_template_brain(
+        finished, stand_in_templateflow):
+    settings, items, _ = finished
+    group = settings.output_dir / "group"
+    img = nib.load(str(group / MAP_NAME))
+    frequency = np.asarray(img.dataobj)
+    n = len(items)
+    assert 0 < frequency.max() <= 1
+    assert np.allclose(frequency * n, np.round(frequency * n), atol=1e-5)   # k / N only
+    brain = np.asarray(nib.load(str(stand_in_templateflow / "tpl-MNI152NLin2009cAsym" /
+                                    BRAIN_MASK_NAME)).dataobj) > 0
+    # cortical lesions sit at the brain's edge: nearly all within one voxel of the template
+    # brain, while the brain fills only about a fifth of the grid
+    assert frequency[ndimage.binary_dilation(brain)].sum() / frequency.sum() > 0.95
+    assert frequency[brain].sum() / frequency.sum() > 0.8
+    sidecar = json.loads((group / MAP_NAME.replace(".nii.gz", ".json")).read_text())
+    assert sidecar["NumberOfImages"] == n and len(sidecar["Sources"]) == n
+    dice = _tsv(group / "group_images.tsv")["template_brain_dice"]
+    assert (dice > 0.8).all()
+
+
+def test_the_report_is_self_contained_and_shows_everything(finished):
+    settings, _, _ = finished
+    html = (settings.output_dir / "group" / "group_report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2
+    assert "Evaluation against reference masks" in html and "out-of-domain" in html
+    assert "<script" not in html and "src=\"http" not in html
+
+
+def test_a_rerun_reuses_the_registrations(finished, stand_in_templateflow):
+    settings, items, _ = finished
+    cache = settings.work_dir / "group" / "registration"
+    transforms = {p: p.stat().st_mtime_ns for p in cache.glob("*.tfm")}
+    assert len(transforms) == len(items)
+    before = (settings.output_dir / "group" / MAP_NAME).read_bytes()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TEMPLATEFLOW_HOME", str(stand_in_templateflow))
+        assert run_group_level(settings, items, {"Name": "phantoms"}) == 0
+    assert {p: p.stat().st_mtime_ns for p in cache.glob("*.tfm")} == transforms
+    assert (settings.output_dir / "group" / MAP_NAME).read_bytes() == before
+
+
+def test_without_the_template_everything_else_is_written_then_exit_66(study, tmp_path,
+                                                                     monkeypatch):
+    settings, items = study
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(tmp_path / "empty-templateflow"))
+    report = settings.output_dir / "group" / "group_report.html"
+    report.unlink(missing_ok=True)
+    with pytest.raises(MissingInputError) as caught:
+        run_group_level(settings, items, {"Name": "phantoms"})
+    message = str(caught.value)
+    assert caught.value.exit_code == 66
+    assert T1W_NAME in message and "api.get('MNI152NLin2009cAsym'" in message
+    assert report.is_file() and "The lesion frequency map is missing" in report.read_text()
+    assert (settings.output_dir / "group" / "group_evaluation.tsv").is_file()
+
+
+def test_a_reference_on_another_grid_is_exit_65_after_the_others(study, tmp_path):
+    settings, items = study
+    refs = tmp_path / "refs"
+    for item in items:
+        src = settings.reference_masks / f"sub-{item.subject}" / "anat"
+        dst = refs / f"sub-{item.subject}" / "anat"
+        dst.mkdir(parents=True)
+        img = nib.load(str(src / f"sub-{item.subject}_label-CL_mask.nii.gz"))
+        if item is items[0]:   # a reference resampled to 1 mm by someone
+            img = nib.Nifti1Image(np.asarray(img.dataobj)[::2], img.affine @ np.diag(
+                [2, 1, 1, 1]))
+        nib.save(img, str(dst / f"sub-{item.subject}_label-CL_mask.nii.gz"))
+    bad = settings.__class__(**{**settings.__dict__, "reference_masks": refs})
+    with pytest.raises(InputDataError) as caught:
+        run_group_level(bad, items, {"Name": "phantoms"}, frequency_map=False)
+    assert caught.value.exit_code == 65
+    assert f"sub-{items[0].subject}_label-CL_mask.nii.gz" in str(caught.value)
+    assert "_label-CL_mask.nii.gz" in str(caught.value).split("prediction")[1]
+    scores = _tsv(settings.output_dir / "group" / "group_evaluation.tsv")
+    assert len(scores) == len(items) - 1
+    images = _tsv(settings.output_dir / "group" / "group_images.tsv").set_index("bids_name")
+    assert "reference_unusable" in images.loc[items[0].bids_name, "qc_flags"]
