@@ -282,3 +282,27 @@ def test_page_renders_in_headless_chromium(outputs, tmp_path):
     # the dark page header and the (dark) brain mosaic were drawn, not a blank page
     grey = pixels[..., :3].mean(-1)
     assert grey[:40].mean() < 0.3 and grey.std() > 0.1
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
+def test_clicking_a_column_heading_sorts_the_lesion_table(outputs, tmp_path):
+    out, _ = outputs
+    html = _page(out, "01").replace(
+        "</body>", "<script>document.querySelector('th[data-key=\"uncertainty_ddu\"]').click();"
+                   "</script></body>")
+    page = out / "sorted-test.html"  # beside the real page, so relative links still resolve
+    page.write_text(html)
+    try:
+        proc = subprocess.run(
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--no-first-run", "--dump-dom", page.as_uri()],
+            capture_output=True, text=True, timeout=120, check=False)
+    finally:
+        page.unlink()
+    body = proc.stdout.split('class="data sortable"')[1].split("</table>")[0]
+    shown = re.findall(r"<tr><td[^>]*>(?:<a [^>]*>)?(CL-\d+)", body)
+    table = pd.read_csv(out / subject_records(out, "01")[0]["outputs"]["lesion_table"], sep="\t")
+    assert sorted(shown) == sorted(table["name"])
+    ddu = table.set_index("name")["uncertainty_ddu"]
+    assert [ddu[name] for name in shown] == sorted(ddu), "ascending fold disagreement"
