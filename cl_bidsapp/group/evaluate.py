@@ -247,7 +247,7 @@ def evaluation_jobs(summaries: Sequence, reference_dir: Path, output_dir: Path
     logger.info("%d reference mask(s) in %s", len(index), reference_dir)
     jobs, unmatched = [], []
     for s in summaries:
-        prediction = s.outputs.get("lesion_mask")
+        prediction = s.output("lesion_mask")
         if not s.ok or prediction is None:
             continue
         reference = match_reference(index, s.entities)
@@ -259,8 +259,8 @@ def evaluation_jobs(summaries: Sequence, reference_dir: Path, output_dir: Path
         rel = prediction.relative_to(output_dir).as_posix()
         jobs.append({"bids_name": s.bids_name, "prediction": str(prediction),
                      "reference": str(reference),
-                     "probability": _existing(s.outputs.get("probseg")),
-                     "brain_mask": _existing(s.outputs.get("brain_mask")),
+                     "probability": _existing(s.output("probseg")),
+                     "brain_mask": _existing(s.output("brain_mask")),
                      "error_map": str(error_map),
                      "sidecar": error_map_sidecar(rel, reference)})
     return jobs, unmatched

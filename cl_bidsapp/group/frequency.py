@@ -73,7 +73,7 @@ def make_frequency_map(summaries: Sequence[ImageSummary], template: TemplateFile
     by_name = {s.bids_name: s for s in summaries}
     jobs = []
     for s in summaries:
-        files = [s.outputs.get(k) for k in ("preproc", "lesion_mask", "brain_mask")]
+        files = [s.output(k) for k in ("preproc", "lesion_mask", "brain_mask")]
         if not s.ok or any(f is None for f in files):
             continue
         jobs.append({"bids_name": s.bids_name, "preproc": str(files[0]),
@@ -114,7 +114,7 @@ def make_frequency_map(summaries: Sequence[ImageSummary], template: TemplateFile
         result.n_images += 1
         result.n_cached += bool(out.get("cached"))
         result.registration_seconds.append(out.get("seconds", 0.0))
-        sources.append("bids::" + summary.outputs["lesion_mask"].relative_to(output_dir)
+        sources.append("bids::" + summary.output("lesion_mask").relative_to(output_dir)
                        .as_posix())
         logger.info("  %s: brain overlap with the template %.3f (%s, %.1f s)",
                     summary.bids_name, dice, "cached" if out.get("cached") else "registered",

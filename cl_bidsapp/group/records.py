@@ -18,6 +18,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -100,9 +102,11 @@ class ImageSummary:
     source_suffix : str
         ``UNIT1`` or ``T1w``: the suffix derivatives inherit.
     outputs : dict
-        Absolute paths of the derivatives the record names, by kind (``lesion_mask``, ...).
-    record : dict
-        The record as read (empty when missing or unreadable).
+        Absolute paths (as text, lighter than Path objects on many thousand images) of the
+        derivatives the record names, by kind (``lesion_mask``, ...); see :meth:`output`.
+    warnings : list of str
+        The record's warnings (the rest of the record is not kept: memory stays small on
+        datasets of many thousand images).
     protocol : str or None
         The participant's ``protocol`` from participants.tsv (used to decide the domain).
     flags : list of (code, reason)
@@ -112,8 +116,8 @@ class ImageSummary:
     values: dict[str, Any]
     entities: dict[str, str]
     source_suffix: str
-    outputs: dict[str, Path] = field(default_factory=dict)
-    record: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
     protocol: str | None = None
     flags: list[tuple[str, str]] = field(default_factory=list)
 
@@ -138,9 +142,10 @@ class ImageSummary:
     def flag_codes(self) -> list[str]:
         return [code for code, _ in self.flags]
 
-    @property
-    def warnings(self) -> list[str]:
-        return [str(w) for w in self.record.get("warnings") or []]
+    def output(self, kind: str) -> Path | None:
+        """Path of derivative ``kind`` named in the record, or None."""
+        path = self.outputs.get(kind)
+        return None if path is None else Path(path)
 
     def has_flag(self, code: str) -> bool:
         return any(c == code for c, _ in self.flags)
@@ -202,8 +207,9 @@ def summarise_image(item, output_dir: Path, participants: dict[str, dict[str, st
     values.update(
         bids_name=item.bids_name, participant_id=f"sub-{item.subject}",
         session_id=f"ses-{item.session}" if item.session else None,
-        acquisition=entities.get("acq"), run=entities.get("run"), contrast=item.contrast,
-        site=info.get("site") or None, subject_report=f"sub-{item.subject}.html")
+        acquisition=entities.get("acq"), run=entities.get("run"),
+        contrast=_shared(item.contrast), site=_shared(info.get("site") or None),
+        subject_report=f"sub-{item.subject}.html")
     summary = ImageSummary(values=values, entities=entities, source_suffix=item.source_suffix,
                            protocol=info.get("protocol") or None)
     path = record_path(output_dir, item.subject, item.bids_name)
@@ -222,9 +228,9 @@ def summarise_image(item, output_dir: Path, participants: dict[str, dict[str, st
         summary.flag("missing_outputs", f"the record {values['record']} cannot be read ({exc}); "
                                         "rerun the participant level for this subject")
         return summary
-    summary.record = record
+    summary.warnings = [str(w) for w in record.get("warnings") or []]
     status = record.get("status")
-    values["status"] = status if status in ("ok", "failed") else "missing"
+    values["status"] = _shared(status) if status in ("ok", "failed") else "missing"
     _fill_provenance(values, record)
     if status == "failed":
         code = record.get("exit_code")
@@ -244,9 +250,9 @@ def summarise_image(item, output_dir: Path, participants: dict[str, dict[str, st
     outputs = record.get("outputs") or {}
     missing = []
     for kind, rel in outputs.items():
-        absolute = output_dir / str(rel)
-        summary.outputs[kind] = absolute
-        if not absolute.is_file():
+        absolute = os.path.join(output_dir, str(rel))
+        summary.outputs[sys.intern(kind)] = absolute
+        if not os.path.isfile(absolute):
             missing.append(str(rel))
     if missing:
         summary.flag("missing_outputs", "files named in the record are missing: "
@@ -257,12 +263,13 @@ def summarise_image(item, output_dir: Path, participants: dict[str, dict[str, st
 def _fill_provenance(values: dict, record: dict) -> None:
     model = record.get("model") or {}
     if model:
-        values["model"] = " ".join(str(model[k]) for k in ("Name", "Version") if model.get(k))
-        values["model_sha256"] = model.get("SHA256")
+        values["model"] = _shared(" ".join(str(model[k]) for k in ("Name", "Version")
+                                           if model.get(k)))
+        values["model_sha256"] = _shared(model.get("SHA256"))
         values["model_is_demo"] = bool(model.get("IsDemo", False))
     settings = record.get("settings") or {}
     values["threshold"] = _number(settings.get("threshold"))
-    values["masking_method"] = record.get("masking_method")
+    values["masking_method"] = _shared(record.get("masking_method"))
 
 
 def _fill_results(values: dict, record: dict) -> None:
@@ -274,6 +281,11 @@ def _fill_results(values: dict, record: dict) -> None:
     values["brain_volume_ml"] = _number(brain.get("brain_volume_ml"))
     for key in INTENSITY_KEYS:
         values[f"intensity_{key}"] = _number(brain.get(f"intensity_{key}"))
+
+
+def _shared(value):
+    """One copy of a text that repeats on every image (model, method): memory at scale."""
+    return sys.intern(value) if isinstance(value, str) else value
 
 
 def _number(value, kind=float):

@@ -91,7 +91,7 @@ def write_lesions_table(summaries: Sequence[ImageSummary], group_dir: Path,
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
         fh.write("\t".join(columns) + "\n")
         for summary in summaries:
-            table = summary.outputs.get("lesion_table")
+            table = summary.output("lesion_table")
             if summary.status != "ok" or table is None or not table.is_file():
                 continue
             rows, problem = read_lesion_rows(table, summary.values.get("lesion_count"),
