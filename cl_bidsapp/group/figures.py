@@ -55,6 +55,7 @@ def distribution_figure(rows: Sequence[dict]) -> bytes | None:
     fig = _figure(4.2 * len(groupings), 6.4)
     axes = fig.subplots(len(MEASURES), len(groupings), squeeze=False)
     rng = np.random.default_rng(0)
+    dot = 18 if len(done) < 200 else 6   # few images: each dot should be seen
     for col, (column, label) in enumerate(groupings):
         levels = sorted({str(r.get(column) or "n/a") for r in done})
         for row_index, (measure, measure_label) in enumerate(MEASURES):
@@ -73,9 +74,12 @@ def distribution_figure(rows: Sequence[dict]) -> bytes | None:
                 if values.size > MAX_POINTS:
                     values = rng.choice(values, MAX_POINTS, replace=False)
                 jitter = rng.uniform(-0.15, 0.15, values.size)
-                ax.scatter(position + jitter, values, s=8, alpha=0.5, color="#c0392b",
-                           linewidths=0)
-            if measure == "total_volume_mm3" and any((d > 0).any() for d in data if d.size):
+                ax.scatter(position + jitter, values, s=dot, alpha=0.6, color="#c0392b",
+                           linewidths=0, zorder=3)
+            positive = np.concatenate([d[d > 0] for d in data]) if data else np.array([])
+            if measure == "total_volume_mm3" and positive.size and (
+                    positive.max() > 100 * np.median(positive)):
+                # lesion loads are heavy-tailed: a log scale keeps the bulk readable
                 ax.set_yscale("symlog", linthresh=10)
             ax.set_xlabel(f"by {label}")
             ax.set_ylabel(measure_label)
@@ -83,48 +87,29 @@ def distribution_figure(rows: Sequence[dict]) -> bytes | None:
     return _png(fig)
 
 
-def frequency_figure(map_path: Path, template_t1w: Path, n_images: int,
-                     n_slices: int = 10) -> bytes:
+def frequency_figure(map_path: Path, template_t1w: Path, template_mask: Path,
+                     n_images: int, n_slices: int = 12) -> bytes:
     """Axial slices of the template with the lesion frequency map on top.
 
-    Slices are spread evenly over the extent of the template brain; the colour scale runs
-    from 0 to the map's maximum (a single image gives 0 or 1).
+    Drawn with the subject report's mosaic (:func:`cl_bidsapp.reports.figures.mosaic`): the
+    template brain outlined, every voxel where at least one image has a lesion coloured, on a
+    scale from 0 to the map's maximum, slices moved towards the lesions.
     """
     import nibabel as nib
 
-    freq_img = nib.as_closest_canonical(nib.load(str(map_path)))
-    anat_img = nib.as_closest_canonical(nib.load(str(template_t1w)))
-    freq = np.asarray(freq_img.dataobj, dtype=np.float32)
-    anat = np.asarray(anat_img.dataobj, dtype=np.float32).reshape(anat_img.shape[:3])
-    if anat.shape != freq.shape:  # not expected: the map is written on the template grid
-        from nilearn.image import resample_to_img
+    from cl_bidsapp.reports.figures import mosaic
 
-        anat = resample_to_img(anat_img, freq_img, interpolation="linear",
-                               force_resample=True, copy_header=True).get_fdata()
-    inside = np.flatnonzero(anat.max(axis=(0, 1)) > 0)
-    low, high = (inside[0], inside[-1]) if inside.size else (0, anat.shape[2] - 1)
-    slices = np.linspace(low + 0.1 * (high - low), high - 0.1 * (high - low),
-                         n_slices).round().astype(int)
-    vmax = float(freq.max()) or 1.0
-    window = np.percentile(anat[anat > 0], [1, 99]) if (anat > 0).any() else (0, 1)
-    columns = 5
-    rows = int(np.ceil(len(slices) / columns))
-    fig = _figure(2.2 * columns, 2.5 * rows + 0.6)
-    axes = fig.subplots(rows, columns, squeeze=False)
-    shown = None
-    for ax, k in zip(axes.ravel(), slices):
-        ax.imshow(anat[:, :, k].T, origin="lower", cmap="gray", vmin=window[0],
-                  vmax=window[1])
-        overlay = np.ma.masked_less_equal(freq[:, :, k].T, 0)
-        shown = ax.imshow(overlay, origin="lower", cmap="hot", vmin=0, vmax=vmax, alpha=0.9)
-        z = nib.affines.apply_affine(freq_img.affine, [0, 0, k])[2]
-        ax.set_title(f"z = {z:.0f} mm", fontsize=8)
-        ax.axis("off")
-    for ax in axes.ravel()[len(slices):]:
-        ax.axis("off")
-    if shown is not None:
-        fig.colorbar(shown, ax=axes, shrink=0.6, label=f"fraction of {n_images} image(s)")
-    return _png(fig)
+    frequency = nib.load(str(map_path))
+    values = np.asarray(frequency.dataobj, dtype=np.float32)
+    top = float(values.max()) or 1.0
+    brain = nib.load(str(template_mask))
+    return mosaic(nib.load(str(template_t1w)), contour_img=brain, overlay_img=frequency,
+                  n_slices=n_slices, extent_img=brain,
+                  focus_img=nib.Nifti1Image((values > 0).astype(np.uint8), frequency.affine),
+                  contour_labels=["template brain"],
+                  overlay_threshold=0.5 / max(n_images, 1), overlay_range=(0.0, top),
+                  overlay_label=f"fraction of {n_images} image(s) with a lesion",
+                  title="Lesion frequency, MNI152NLin2009cAsym")
 
 
 def _short(text: str, width: int = 14) -> str:

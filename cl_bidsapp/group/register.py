@@ -30,7 +30,7 @@ from cl_bidsapp.io import atomic_path, write_json
 logger = logging.getLogger(__name__)
 
 #: Part of the cache key: change it whenever the registration settings change.
-REGISTRATION_VERSION = "sitk-rigid-affine-mattes-1"
+REGISTRATION_VERSION = "sitk-rigid-affine-mattes-2"
 SAMPLING_FRACTION = 0.2
 RANDOM_SEED = 20250716
 #: Template sampling (mm) of the coarse and fine levels of each stage.

@@ -111,7 +111,7 @@ def run_group_level(settings, items: Sequence, raw_description: dict, *,
         inputs.frequency_missing = "not requested for this run."
 
     write_images_table(summaries, group_dir)
-    inputs.figures["distributions"] = distribution_figure([s.row() for s in summaries])
+    inputs.figures["distributions"] = distribution_figure([s.values for s in summaries])
     _save_figure(group_dir, "group_desc-distributions_plot.png",
                  inputs.figures["distributions"])
     inputs.files = sorted(p.relative_to(out).as_posix() for p in group_dir.glob("*")
@@ -196,7 +196,8 @@ def _frequency_map(summaries, settings, group_dir: Path, inputs: ReportInputs
     inputs.frequency_file = result.path.relative_to(settings.output_dir).as_posix()
     inputs.frequency_images = result.n_images
     inputs.frequency_left_out = result.n_left_out
-    figure = frequency_figure(result.path, template.t1w, result.n_images)
+    figure = frequency_figure(result.path, template.t1w, template.brain_mask,
+                              result.n_images)
     inputs.figures["frequency"] = figure
     _save_figure(group_dir, "group_desc-frequency_plot.png", figure)
     return None
