@@ -88,7 +88,7 @@ def index_reference_masks(root: str | Path) -> dict[tuple, Path]:
 def match_reference(index: dict[tuple, Path], entities: dict[str, str]) -> Path | None:
     """The reference mask for a source image: same entities, else same subject and session.
 
-    >>> idx = {("01", None, None, None, None, None, None, None): Path("sub-01_label-CL_mask.nii.gz")}
+    >>> idx = {("01",) + (None,) * 7: Path("sub-01_label-CL_mask.nii.gz")}
     >>> match_reference(idx, {"sub": "01", "acq": "mp2rage"}).name
     'sub-01_label-CL_mask.nii.gz'
     >>> match_reference(idx, {"sub": "02"}) is None
@@ -203,8 +203,13 @@ def summarise_evaluation(scores: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFra
     ...                   "n_reference": [1, 1], "f1": [1.0, 0.0],
     ...                   "domain": ["in-domain", "out-of-domain"], "site": ["A", "B"]})
     >>> long, wide = summarise_evaluation(s)
-    >>> wide[["group", "n_scans", "f1_mean", "f1_pooled"]].to_string(index=False)
-    '        group  n_scans  f1_mean  f1_pooled\\n          all        2      0.5        0.5\\n    in-domain        1      1.0        1.0\\nout-of-domain        1      0.0        0.0\\n            A        1      1.0        1.0\\n            B        1      0.0        0.0'
+    >>> print(wide[["group", "n_scans", "f1_mean", "f1_pooled"]].to_string(index=False))
+            group  n_scans  f1_mean  f1_pooled
+              all        2      0.5        0.5
+        in-domain        1      1.0        1.0
+    out-of-domain        1      0.0        0.0
+                A        1      1.0        1.0
+                B        1      0.0        0.0
     """
     groups: list[tuple[str, str, pd.DataFrame]] = [("all", "all", scores)]
     if "domain" in scores and set(scores["domain"].dropna()) - {UNKNOWN}:
