@@ -183,7 +183,9 @@ def _frequency_map(summaries, settings, group_dir: Path, inputs: ReportInputs
     try:
         template = find_template()
     except MissingInputError as exc:
-        logger.warning("%s", exc)
+        # the full message (file and how to fetch it) is the run's final error
+        logger.warning("Lesion frequency map skipped: the template is not in the TemplateFlow "
+                       "cache")
         inputs.frequency_missing = str(exc)
         return exc
     cache = Path(settings.effective_work_dir()) / "group" / "registration"
