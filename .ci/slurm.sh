@@ -34,7 +34,7 @@ start_cluster() {  # start_cluster DIR
     --pid-file="$dir/munge/munged.pid" --log-file="$dir/log/munged.log" \
     --seed-file="$dir/munge/munged.seed"
   local mem_mb; mem_mb=$(awk '/MemTotal/ {print int($2 / 1024 * 0.8)}' /proc/meminfo)
-  local cpus; cpus=$(nproc)
+  local cpus; cpus=$(getconf _NPROCESSORS_ONLN)   # not nproc: it obeys OMP_NUM_THREADS
   cat > "$dir/slurm.conf" <<EOF
 ClusterName=clci
 SlurmctldHost=localhost
@@ -58,7 +58,7 @@ AccountingStorageType=accounting_storage/none
 MpiDefault=none
 ReturnToService=2
 SchedulerType=sched/backfill
-SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
+SchedulerParameters=batch_sched_delay=0,sched_min_interval=0,sched_interval=1,bf_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 NodeName=localhost CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
@@ -81,8 +81,16 @@ EOF
   return 1
 }
 
-stop_cluster() {  # stop_cluster DIR: every daemon by its PID file, then wait for it to go
+stop_cluster() {  # stop_cluster DIR: cancel what still runs, then every daemon by its PID file
   local dir=$1 pidfile pid i
+  if [ -s "$dir/slurmctld.pid" ] && kill -0 "$(cat "$dir/slurmctld.pid")" 2>/dev/null; then
+    # jobs first: slurmd reaps their slurmstepd processes only while it runs
+    SLURM_CONF=$dir/slurm.conf scancel --quiet --full --user "$(id -un)" 2>/dev/null || true
+    for i in $(seq 1 50); do
+      [ -z "$(SLURM_CONF=$dir/slurm.conf squeue -h -o %i 2>/dev/null)" ] && break
+      sleep 0.2
+    done
+  fi
   for pidfile in "$dir/slurmd.pid" "$dir/slurmctld.pid" "$dir/munge/munged.pid"; do
     [ -s "$pidfile" ] || continue
     pid=$(cat "$pidfile")
@@ -106,6 +114,8 @@ CLUSTER=$SCRATCH/cluster
 export PATH=$ROOT/.venv/bin:$PATH
 export OMP_NUM_THREADS=1
 export LOGNAME=${LOGNAME:-${USER:-$(id -un)}}   # Nipype's SLURM plugin needs it (CI has none)
+# offline: the group level's template is the marked stand-in (see docs/containers.md)
+export TEMPLATEFLOW_HOME=$SCRATCH/templateflow
 
 stage() {  # stage NAME COMMAND...
   local name=$1; shift
@@ -139,6 +149,7 @@ cluster() {
 }
 
 phantoms() {  # 3 participants; sub-03's UNI cut in half so that its participant level fails
+  "$PY" -m cl_bidsapp.hpc.templates seed "$TEMPLATEFLOW_HOME" --source stand-in
   cl-bidsapp-simulate "$SCRATCH/bids" --n-subjects 3 --voxel-size 2 --seed 1
   local uni; uni=$(ls "$SCRATCH"/bids/sub-03/anat/*_UNIT1.nii.gz)
   head -c "$(( $(stat -c %s "$uni") / 2 ))" "$uni" > "$uni.part" && mv "$uni.part" "$uni"

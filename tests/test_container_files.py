@@ -229,3 +229,39 @@ def test_template_command_line_exit_codes(tmp_path, capsys):
     assert templates.main(["seed", str(tmp_path), "--source", "s3", "--sha256", "nothex"]) == 64
     assert templates.main(["show", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip().endswith("missing")
+
+
+# ------------------------------------------------------------ CI scripts
+
+CI_SCRIPTS = [REPO / ".ci" / "containers.sh", REPO / ".ci" / "slurm.sh",
+              REPO / "docker" / "install-models.sh"]
+
+
+@pytest.mark.parametrize("script", CI_SCRIPTS, ids=lambda p: p.name)
+def test_scripts_parse(script):
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_ci_run_builds_the_image_and_runs_slurm_before_the_test_suite():
+    stages = [ln for ln in (REPO / ".ci" / "run").read_text().splitlines()
+              if ln.startswith("stage ")]
+    names = " ".join(stages)
+    assert ".ci/containers.sh" in names and ".ci/slurm.sh" in names
+    assert stages[-1].endswith("run_tests")
+
+
+def _find_command(text: str) -> str:
+    match = re.search(r"find \. -type f ([^|]*)\|", text.replace("\\\n", " "))
+    assert match, "no output listing command"
+    return " ".join(match.group(1).split())
+
+
+def test_local_ci_and_circleci_list_outputs_the_same_way():
+    expected = (REPO / ".circleci" / "expected_outputs.txt").read_text().splitlines()
+    assert expected == sorted(expected), "keep the list sorted (LC_ALL=C sort)"
+    assert any(line.startswith("./group/") for line in expected)
+    assert any(line.startswith("./sub-01/anat/") for line in expected)
+    local = _find_command((REPO / ".ci" / "containers.sh").read_text())
+    circle = _find_command((REPO / ".circleci" / "config.yml").read_text())
+    assert local == circle
