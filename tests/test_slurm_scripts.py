@@ -191,3 +191,10 @@ def test_cli_dry_run_writes_scripts_for_a_container(tmp_path, dataset, capsys):
     assert f"-B '{bids}:{bids}:ro'" in text
     assert "#SBATCH --gres=gpu:1" in text
     assert "nothing submitted" in text
+
+
+def test_labels_can_come_from_a_file(dataset, tmp_path):
+    bids, _ = dataset
+    listing = tmp_path / "todo.txt"
+    listing.write_text("sub-03\n01\n\n")
+    assert participant_labels(bids, [str(listing)]) == ["03", "01"]

@@ -117,7 +117,7 @@ def _container_commands(args, paths: list[Path]) -> tuple[list[str], list[str]]:
 
 
 def make_plan(args, app_args: list[str]):
-    from cl_bidsapp.cli.parser import _read_labels, check_paths
+    from cl_bidsapp.cli.parser import check_paths
     from cl_bidsapp.hpc.slurm import ArrayPlan, participant_labels
 
     bids_dir, output_dir = args.bids_dir.resolve(), args.output_dir.resolve()
@@ -126,7 +126,7 @@ def make_plan(args, app_args: list[str]):
         raise MissingInputError("the BIDS folder does not exist", path=args.bids_dir)
     check_paths(bids_dir, output_dir, work_dir)
     _check_app_args(bids_dir, output_dir, app_args)
-    labels = participant_labels(bids_dir, _read_labels(args.participant_label, "sub-"))
+    labels = participant_labels(bids_dir, args.participant_label)
     if args.container is not None and args.app_command:
         raise UsageError("give --container or --app-command, not both")
     if args.app_command:

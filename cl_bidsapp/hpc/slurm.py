@@ -76,7 +76,8 @@ class ArrayPlan:
 
 
 def participant_labels(bids_dir: Path, requested: Sequence[str] | None = None) -> list[str]:
-    """Participants to process: ``requested`` (``sub-`` stripped, checked), else every ``sub-*``.
+    """Participants to process: ``requested`` (labels or files of labels, ``sub-`` stripped,
+    checked against the dataset), else every ``sub-*`` folder.
 
     Only folder names are read, so this is instant on the login node even for large datasets.
 
@@ -86,6 +87,11 @@ def participant_labels(bids_dir: Path, requested: Sequence[str] | None = None) -
         A requested label has no ``sub-<label>`` folder, or the dataset has no participants.
     """
     present = sorted(p.name[4:] for p in Path(bids_dir).glob("sub-*") if p.is_dir())
+    words: list[str] = []
+    for value in requested or []:  # a value may be a file with one label per line
+        path = Path(value)
+        words.extend(path.read_text().split() if path.is_file() else [value])
+    requested = words
     if not requested:
         if not present:
             raise UsageError("no sub-* folders: is this the root of a BIDS dataset?",
