@@ -9,17 +9,20 @@ Steps, all on the CPU:
 1. simulate ``--n-train`` phantoms (3T-MP2RAGE, ``--voxel-size`` mm) with cortical lesions;
 2. write an nnU-Net raw dataset: the input is the UNI image times the true brain mask (the
    skull-stripped UNI, as the app feeds the model after brain extraction), labels the CL mask;
-3. let nnU-Net fingerprint and plan the dataset, then replace the network by a small one
-   (``--features``, ``--patch``) so the checkpoint stays about 1-2 MB, and preprocess;
-4. train one model on all training cases (fold ``all``) with lesion-centred patch sampling
-   (``--oversample``) and no data-augmentation worker processes;
-5. export the slimmed checkpoint, ``plans.json`` and ``dataset.json`` with a card
-   (``write_card``) that records every setting, seed and timing.
+3. let nnU-Net fingerprint, plan and preprocess the dataset, replacing the planned network by
+   a small one (``--features``, ``--patch``) so the checkpoint stays a few MB;
+4. train on all training cases (fold ``all``) with :mod:`cl_bidsapp.models.training`: nnU-Net's
+   network, preprocessed data and Dice + CE loss, lesion-centred patches, AdamW;
+5. export the slim checkpoint, ``plans.json`` and ``dataset.json`` with a card
+   (``write_card``) that records every setting, seed and timing;
+6. choose the card's threshold and minimum lesion size on ``--n-val`` validation phantoms
+   simulated with another seed.
 
-Typical run (about 30-40 minutes on 2 cores)::
+Typical run (20-60 minutes on 2 shared cores)::
 
     OMP_NUM_THREADS=2 python scripts/train_demo_model.py --work /tmp/demo-train
 
+An interrupted run continues with ``--resume``.
 Then evaluate on held-out phantoms with ``benchmarks/bench_models.py``.
 """
 from __future__ import annotations
@@ -58,19 +61,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lesion-contrast", type=float, default=1.3,
                    help="lesion T1 as a multiple of grey-matter T1")
     p.add_argument("--seed", type=int, default=501, help="simulation and training seed")
-    p.add_argument("--features", default="8,16,32,64", help="features per network stage")
+    p.add_argument("--features", default="12,24,48,96", help="features per network stage")
     p.add_argument("--patch", type=int, default=32, help="cubic patch edge, voxels")
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--iterations", type=int, default=100, help="iterations per epoch")
-    p.add_argument("--val-iterations", type=int, default=5)
-    p.add_argument("--lr", type=float, default=1e-2, help="initial learning rate (poly decay)")
+    p.add_argument("--iterations", type=int, default=4000, help="training iterations")
+    p.add_argument("--lr", type=float, default=3e-3, help="initial AdamW learning rate")
     p.add_argument("--oversample", type=float, default=0.66,
-                   help="fraction of patches centred on a lesion")
+                   help="fraction of patches centred near a lesion")
+    p.add_argument("--lesion-weight", type=float, default=10.0,
+                   help="cross-entropy weight of the lesion class")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--threshold", type=float, default=0.5, help="recommended threshold (card)")
-    p.add_argument("--min-size", type=int, default=3, help="recommended minimum lesion voxels")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="recommended threshold when not tuned (card)")
+    p.add_argument("--min-size", type=int, default=3,
+                   help="recommended minimum lesion voxels when not tuned (card)")
+    p.add_argument("--n-val", type=int, default=4,
+                   help="validation phantoms (another seed) to tune threshold and minimum size; "
+                        "0 keeps --threshold/--min-size")
     p.add_argument("--version", default="1.0.0", help="model version for the card")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted training from its checkpoint_latest.pth")
+    p.add_argument("--export-only", metavar="CHECKPOINT", default=None,
+                   help="skip training; export this checkpoint (e.g. checkpoint_latest.pth)")
     return p.parse_args(argv)
 
 
@@ -171,59 +183,62 @@ def plan_and_preprocess(args) -> dict:
 
 
 def train(args, plans: dict) -> Path:
-    import torch
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    """Train with :func:`cl_bidsapp.models.training.train_network`; return the fold folder."""
+    from cl_bidsapp.models.training import (TrainingSettings, load_preprocessed_cases,
+                                            train_network)
 
-    class DemoTrainer(nnUNetTrainer):
-        """nnU-Net's trainer with the demo's short schedule and lesion-centred sampling."""
-
-        def __init__(self, plans, configuration, fold, dataset_json, device):
-            super().__init__(plans, configuration, fold, dataset_json, device)
-            self.num_epochs = args.epochs
-            self.num_iterations_per_epoch = args.iterations
-            self.num_val_iterations_per_epoch = args.val_iterations
-            self.oversample_foreground_percent = args.oversample
-            self.initial_lr = args.lr
-            self.save_every = 10
-
-    # Data augmentation in the main process: worker pools are slow to start on 2 cores and die
-    # in small-shm containers. (Not during planning: the planner sets torch threads from it.)
-    os.environ["nnUNet_n_proc_DA"] = "0"
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    torch.set_num_threads(args.threads)
-    dataset_json = json.loads((Path(os.environ["nnUNet_preprocessed"]) / DATASET_NAME
-                               / "dataset.json").read_text())
-    plans = dict(plans, continue_training=False)
-    trainer = DemoTrainer(plans, CONFIGURATION, FOLD, dataset_json, torch.device("cpu"))
-    trainer.run_training()
-    return Path(trainer.output_folder)
+    folder = Path(os.environ["nnUNet_results"]) / DATASET_NAME / f"fold_{FOLD}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if args.export_only:
+        return folder
+    config = plans["configurations"][CONFIGURATION]
+    cases = load_preprocessed_cases(Path(os.environ["nnUNet_preprocessed"]) / DATASET_NAME
+                                    / config["data_identifier"])
+    settings = TrainingSettings(iterations=args.iterations, batch_size=args.batch,
+                                patch=args.patch, learning_rate=args.lr,
+                                lesion_fraction=args.oversample,
+                                lesion_weight=args.lesion_weight, seed=args.seed,
+                                threads=args.threads)
+    train_network(config["architecture"], cases, settings, folder / "checkpoint_latest.pth",
+                  resume=args.resume)
+    shutil.copyfile(folder / "checkpoint_latest.pth", folder / "checkpoint_final.pth")
+    return folder
 
 
-def export(fold_folder: Path, plans: dict, args, settings: dict) -> dict:
+def export(fold_folder: Path, plans: dict, args, settings: dict,
+           checkpoint: str = "checkpoint_final.pth") -> dict:
     """Write the slim model folder and its card."""
     import torch
-
-    from cl_bidsapp.models.card import write_card
 
     out = args.out
     if out.exists():
         shutil.rmtree(out)
     (out / f"fold_{FOLD}").mkdir(parents=True)
-    full = torch.load(fold_folder / "checkpoint_final.pth", map_location="cpu",
-                      weights_only=False)
-    # The demo trainer changes only the schedule, not the network: name nnU-Net's own trainer
-    # so that any nnU-Net installation can rebuild the network.
+    full = torch.load(fold_folder / checkpoint, map_location="cpu", weights_only=False)
+    # The network is the one plans.json describes, which nnU-Net's own trainer rebuilds: name
+    # that trainer so any nnU-Net installation can load the model.
     slim = {"network_weights": full["network_weights"],
             "init_args": {"configuration": CONFIGURATION, "fold": FOLD},
-            "trainer_name": "nnUNetTrainer",
-            "inference_allowed_mirroring_axes": tuple(full["inference_allowed_mirroring_axes"])}
+            "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": (0, 1, 2)}
     torch.save(slim, out / f"fold_{FOLD}" / "checkpoint_final.pth")
     (out / "plans.json").write_text(json.dumps(plans, indent=2))
-    shutil.copyfile(fold_folder.parent / "dataset.json", out / "dataset.json")
-    log_data = full.get("logging", {})
-    settings["final_train_loss"] = _last(log_data.get("train_losses"))
-    settings["final_val_pseudo_dice"] = _last(log_data.get("ema_fg_dice"))
+    shutil.copyfile(Path(os.environ["nnUNet_preprocessed"]) / DATASET_NAME / "dataset.json",
+                    out / "dataset.json")
+    history = full.get("history", {})
+    settings["exported_checkpoint"] = checkpoint
+    settings["iterations_completed"] = int(full.get("iteration", 0))
+    settings["final_train_loss"] = _last(history.get("loss"))
+    settings["loss_curve"] = {"iteration": history.get("iteration", [])[::4],
+                              "loss": [round(v, 4) for v in history.get("loss", [])[::4]],
+                              "batch_dice": [round(v, 3) for v in history.get("dice", [])[::4]]}
+    if history.get("seconds"):
+        settings["timings"]["train_s"] = history["seconds"][-1]
+    return write_demo_card(out, args, settings, args.threshold, args.min_size)
+
+
+def write_demo_card(out: Path, args, settings: dict, threshold: float, min_size: int) -> dict:
+    from cl_bidsapp.models.card import write_card
+
     return write_card(
         out, name="cl-demo-phantom", version=args.version,
         description="DEMO ONLY: a small nnU-Net v2 trained on simulated 3T MP2RAGE phantoms "
@@ -232,11 +247,54 @@ def export(fold_folder: Path, plans: dict, args, settings: dict) -> dict:
         licence="Apache-2.0", citation="cl-bidsapp demo model (scripts/train_demo_model.py); "
         "method: Molchanova et al. 2025, arXiv:2507.12092",
         input_contrasts=("UNIT1",), input_image="UNI", skull_stripped=True,
-        background_value=0.0, threshold=args.threshold, min_lesion_size_voxels=args.min_size,
+        background_value=0.0, threshold=threshold, min_lesion_size_voxels=min_size,
         trained_on="simulated phantoms (cl_bidsapp.simulate, 3T-MP2RAGE, "
                    f"{args.voxel_size:g} mm)",
         is_demo=True, configuration=CONFIGURATION, trainer="nnUNetTrainer", plans=PLANS_NAME,
         folds=[FOLD], training=settings)
+
+
+VALIDATION_SEED_OFFSET = 7919
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+MIN_SIZES = (1, 2, 3, 4)
+
+
+def tune_postprocessing(args, work: Path) -> dict:
+    """Choose the card's threshold and minimum size on validation phantoms (not training ones).
+
+    Mean lesion-wise F1 over the validation scans for each pair; ties go to the method's
+    defaults (0.5, 3 voxels). Predictions use TTA, as the app does by default.
+    """
+    from cl_bidsapp.core.components import lesion_instances
+    from cl_bidsapp.core.metrics import lesion_detection
+    from cl_bidsapp.models.predictor import CLPredictor
+    from cl_bidsapp.models.registry import resolve_model
+    from cl_bidsapp.simulate import simulate_dataset
+
+    seed = args.seed + VALIDATION_SEED_OFFSET
+    bids = work / "validation"
+    if not bids.is_dir():
+        simulate_dataset(bids, args.n_val, protocols=("3T-MP2RAGE",),
+                         voxel_size=args.voxel_size, lesion_mean=args.lesion_mean,
+                         lesion_contrast=args.lesion_contrast, seed=seed)
+    predictor = CLPredictor(resolve_model(str(args.out)), device="cpu", tta=True,
+                            threads=args.threads)
+    maps = []
+    for image_path, label_path in masked_uni_cases(bids, work / "validation-masked"):
+        probability = predictor.predict(nib.load(image_path)).probability.get_fdata()
+        maps.append((probability, np.asarray(nib.load(label_path).dataobj) > 0))
+    grid = []
+    for threshold in THRESHOLDS:
+        for min_size in MIN_SIZES:
+            f1 = [lesion_detection(lesion_instances(p, threshold, min_size) > 0, t).f1
+                  for p, t in maps]
+            grid.append({"threshold": threshold, "min_size": min_size,
+                         "mean_f1": round(float(np.mean(f1)), 4)})
+    best = max(grid, key=lambda g: (g["mean_f1"], g["threshold"] == 0.5, g["min_size"] == 3))
+    log.info("validation F1 %.3f at threshold %.2f, min size %d", best["mean_f1"],
+             best["threshold"], best["min_size"])
+    return {"chosen": best, "validation_seed": seed, "n_scans": len(maps), "tta": True,
+            "grid": grid}
 
 
 def _last(values):
@@ -249,7 +307,6 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     work = args.work.resolve()
     set_nnunet_environment(work)
-    import nnunetv2
     import torch
 
     started = time.time()
@@ -261,34 +318,46 @@ def main(argv=None) -> int:
     t = time.time()
     plans = plan_and_preprocess(args)
     timings["plan_preprocess_s"] = round(time.time() - t, 1)
-    t = time.time()
     fold_folder = train(args, plans)
-    timings["train_s"] = round(time.time() - t, 1)
+    if args.export_only:  # phantoms and preprocessing came from the cache: no real timings
+        timings = {"note": "exported from an earlier training run; see train_s"}
     settings = {
         "script": "scripts/train_demo_model.py",
         "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
         "simulator": {"protocols": ["3T-MP2RAGE"], "n_subjects": args.n_train,
                       "voxel_size_mm": args.voxel_size, "lesion_mean": args.lesion_mean,
                       "lesion_contrast": args.lesion_contrast, "seed": args.seed},
-        "model_input": "UNIT1 x true brain mask",
+        "model_input": "UNIT1 x true brain mask, nnU-Net preprocessing (crop, z-score in mask)",
         "network": {"features_per_stage": [int(f) for f in args.features.split(",")],
                     "patch_size": [args.patch] * 3, "batch_size": args.batch,
                     "target_spacing_mm": plans["configurations"][CONFIGURATION]["spacing"]},
-        "schedule": {"epochs": args.epochs, "iterations_per_epoch": args.iterations,
-                     "val_iterations_per_epoch": args.val_iterations, "initial_lr": args.lr,
-                     "oversample_foreground_percent": args.oversample,
-                     "trainer": "nnUNetTrainer (schedule overridden by the script)",
-                     "fold": FOLD, "torch_seed": args.seed},
+        "schedule": {"loop": "cl_bidsapp.models.training.train_network (AdamW, polynomial "
+                             "decay, nnU-Net Dice+CE loss, no deep supervision)",
+                     "iterations": args.iterations, "initial_lr": args.lr,
+                     "lesion_centred_fraction": args.oversample,
+                     "loss": "Dice (batch) + CE (lesion weight "
+                             f"{args.lesion_weight:g})",
+                     "augmentation": "flips on 3 axes, intensity scale/shift/noise in brain",
+                     "fold": FOLD, "seed": args.seed},
         "hardware": {"device": "cpu", "threads": args.threads, "machine": platform.machine(),
-                     "processor": platform.processor() or "unknown"},
-        "software": {"nnunetv2": nnunetv2.__version__ if hasattr(nnunetv2, "__version__")
-                     else _version("nnunetv2"), "torch": torch.__version__,
+                     "processor": platform.processor() or "unknown",
+                     "note": "2 shared cores; other jobs competed for them"},
+        "software": {"nnunetv2": _version("nnunetv2"), "torch": torch.__version__,
                      "python": platform.python_version()},
         "timings": timings,
     }
-    card = export(fold_folder, plans, args, settings)
-    log.info("wrote %s (%s files); total %.1f min", args.out, len(card["files"]),
-             (time.time() - started) / 60)
+    card = export(fold_folder, plans, args, settings,
+                  checkpoint=args.export_only or "checkpoint_final.pth")
+    if args.n_val > 0:
+        t = time.time()
+        tuning = tune_postprocessing(args, work)
+        settings = dict(card["training"], postprocessing_tuning=tuning)
+        settings["timings"]["tune_s"] = round(time.time() - t, 1)
+        card = write_demo_card(args.out, args, settings, tuning["chosen"]["threshold"],
+                               tuning["chosen"]["min_size"])
+    log.info("wrote %s (%s files, threshold %s, min size %s); total %.1f min", args.out,
+             len(card["files"]), card["postprocessing"]["threshold"],
+             card["postprocessing"]["min_lesion_size_voxels"], (time.time() - started) / 60)
     return 0
 
 

@@ -1,0 +1,194 @@
+"""A small CPU training loop for nnU-Net networks on nnU-Net-preprocessed data (demo model).
+
+Used by ``scripts/train_demo_model.py``. nnU-Net's own trainer spends most of a shared 2-core
+CPU on spatial data augmentation and needs far more iterations (SGD, 1000 epochs) than a demo
+can afford. This loop keeps what matters for a faithful nnU-Net model: the network planned in
+``plans.json``, nnU-Net's preprocessed arrays (cropping, z-score within the brain) as input,
+and nnU-Net's Dice + cross-entropy loss; it changes the optimiser (AdamW with nnU-Net's
+polynomial decay), samples a share of patches around lesions, and augments with flips (the
+axes test-time augmentation mirrors) and intensity jitter only.
+
+>>> import numpy as np
+>>> image = np.zeros((20, 20, 20), np.float32); image[4:16, 4:16, 4:16] = 1
+>>> lesion = np.zeros(image.shape, bool); lesion[10, 10, 10] = True
+>>> sampler = PatchSampler([(image, lesion)], patch=8, lesion_fraction=1.0,
+...                        rng=np.random.default_rng(0))
+>>> x, y = sampler.batch(2)
+>>> x.shape, y.shape, int(y.sum())
+((2, 1, 8, 8, 8), (2, 1, 8, 8, 8), 2)
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+def load_preprocessed_cases(folder: str | Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """nnU-Net's preprocessed cases in ``folder`` as (image, lesion mask) pairs."""
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    dataset = nnUNetDatasetBlosc2(str(folder))
+    cases = []
+    for identifier in dataset.identifiers:
+        data, seg, _, _ = dataset.load_case(identifier)
+        # nnU-Net marks voxels outside the brain -1: background for training
+        cases.append((np.asarray(data[:], np.float32)[0], np.asarray(seg[:])[0] > 0))
+    return cases
+
+
+class PatchSampler:
+    """Cubic patches, a share of them centred near a lesion, flipped and intensity-jittered.
+
+    Intensity changes stay inside the brain so that the background remains 0, as it is after
+    brain extraction.
+    """
+
+    def __init__(self, cases, patch: int, lesion_fraction: float, rng: np.random.Generator):
+        self.cases, self.patch, self.lesion_fraction, self.rng = cases, patch, lesion_fraction, rng
+        self.lesions = [np.argwhere(seg) for _, seg in cases]
+        self.brain = [np.argwhere(image != 0)[::37] for image, _ in cases]
+
+    def _crop(self, array: np.ndarray, centre) -> np.ndarray:
+        half, out = self.patch // 2, np.zeros((self.patch,) * 3, array.dtype)
+        src, dst = [], []
+        for c, n in zip(centre, array.shape):
+            lo, hi = int(c) - half, int(c) - half + self.patch
+            src.append(slice(max(lo, 0), min(hi, n)))
+            dst.append(slice(max(lo, 0) - lo, self.patch - (hi - min(hi, n))))
+        out[tuple(dst)] = array[tuple(src)]
+        return out
+
+    def batch(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """``size`` patches: images (float32) and labels (int64), both (size, 1, p, p, p)."""
+        rng, images, labels = self.rng, [], []
+        for _ in range(size):
+            i = int(rng.integers(len(self.cases)))
+            image, seg = self.cases[i]
+            if rng.random() < self.lesion_fraction and len(self.lesions[i]):
+                jitter = rng.integers(-self.patch // 4, self.patch // 4 + 1, 3)
+                centre = self.lesions[i][rng.integers(len(self.lesions[i]))] + jitter
+            elif len(self.brain[i]):
+                centre = self.brain[i][rng.integers(len(self.brain[i]))]
+            else:
+                centre = np.array(image.shape) // 2
+            x, y = self._crop(image, centre), self._crop(seg, centre)
+            for axis in range(3):
+                if rng.random() < 0.5:
+                    x, y = np.flip(x, axis), np.flip(y, axis)
+            x = np.ascontiguousarray(x)
+            inside = x != 0
+            x[inside] = (x[inside] * rng.uniform(0.85, 1.15) + rng.normal(0, 0.15)
+                         + rng.normal(0, rng.uniform(0, 0.1), int(inside.sum())))
+            images.append(x)
+            labels.append(np.ascontiguousarray(y))
+        return (np.stack(images)[:, None].astype(np.float32),
+                np.stack(labels)[:, None].astype(np.int64))
+
+
+@dataclass
+class TrainingSettings:
+    """What :func:`train_network` does; recorded in the model card."""
+
+    iterations: int = 4000
+    batch_size: int = 4
+    patch: int = 32
+    learning_rate: float = 3e-3
+    lesion_fraction: float = 0.66
+    lesion_weight: float = 10.0
+    seed: int = 0
+    threads: int | None = None
+    checkpoint_every: int = 250
+    history: dict = field(default_factory=lambda: {"iteration": [], "loss": [], "dice": [],
+                                                   "seconds": []})
+
+
+def train_network(architecture: dict, cases, settings: TrainingSettings,
+                  checkpoint: Path, resume: bool = False) -> dict:
+    """Train the plans' network on ``cases``; save and return the final state.
+
+    Parameters
+    ----------
+    architecture : dict
+        ``plans["configurations"][cfg]["architecture"]``.
+    cases : list of (image, lesion mask)
+        From :func:`load_preprocessed_cases`.
+    settings : TrainingSettings
+    checkpoint : Path
+        Written every ``checkpoint_every`` iterations and at the end (weights, optimiser,
+        iteration, history); with ``resume`` training continues from it.
+
+    Returns
+    -------
+    dict
+        ``network_weights``, ``optimizer_state``, ``iteration`` and ``history`` (loss and batch
+        Dice every 50 iterations, cumulative seconds).
+    """
+    import torch
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    torch.manual_seed(settings.seed)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    network = get_network_from_plans(architecture["network_class_name"],
+                                     architecture["arch_kwargs"],
+                                     architecture["_kw_requires_import"], 1, 2,
+                                     allow_init=True, deep_supervision=False)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=settings.learning_rate,
+                                  weight_decay=3e-5)
+    # Dice over the whole batch and a heavier lesion class in the cross-entropy: with per-patch
+    # Dice the many lesion-free patches teach "predict nothing" (a trap nnU-Net escapes with
+    # deep supervision and thousands more iterations).
+    loss_fn = DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False},
+                             {"weight": torch.tensor([1.0, float(settings.lesion_weight)])},
+                             weight_ce=1, weight_dice=1, dice_class=MemoryEfficientSoftDiceLoss)
+    history, first, state = settings.history, 0, {}
+    if resume and Path(checkpoint).is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        network.load_state_dict(state["network_weights"])
+        optimizer.load_state_dict(state["optimizer_state"])
+        history, first = state["history"], state["iteration"]
+        logger.info("resuming at iteration %d", first)
+    sampler = PatchSampler(cases, settings.patch, settings.lesion_fraction,
+                           np.random.default_rng([settings.seed, first]))
+    network.train()
+    started, losses, dice = time.time(), [], []
+    base = history["seconds"][-1] if history["seconds"] else 0.0
+    for iteration in range(first, settings.iterations):
+        for group in optimizer.param_groups:  # nnU-Net's polynomial decay
+            group["lr"] = settings.learning_rate * (1 - iteration / settings.iterations) ** 0.9
+        x, y = sampler.batch(settings.batch_size)
+        output = network(torch.from_numpy(x))
+        loss = loss_fn(output, torch.from_numpy(y))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
+        optimizer.step()
+        with torch.no_grad():  # hard Dice of the batch: is it finding lesions yet?
+            hit = (output.argmax(1) == 1).numpy()
+            dice.append(2 * (hit & (y[:, 0] == 1)).sum() / max(1, hit.sum() + (y == 1).sum()))
+        losses.append(loss.item())
+        done = iteration + 1
+        if done % 50 == 0 or done == settings.iterations:
+            elapsed = time.time() - started
+            history["iteration"].append(done)
+            history["loss"].append(float(np.mean(losses)))
+            history["dice"].append(float(np.mean(dice)))
+            history["seconds"].append(round(base + elapsed, 1))
+            logger.info("iteration %d/%d: loss %.3f, batch Dice %.3f, %.2f s/iteration", done,
+                        settings.iterations, np.mean(losses), np.mean(dice),
+                        elapsed / max(1, done - first))
+            losses, dice = [], []
+        if done % settings.checkpoint_every == 0 or done == settings.iterations:
+            state = {"network_weights": network.state_dict(),
+                     "optimizer_state": optimizer.state_dict(), "iteration": done,
+                     "history": history}
+            torch.save(state, checkpoint)
+    return state
