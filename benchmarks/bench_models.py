@@ -34,12 +34,14 @@ OUT_OF_DOMAIN = ("7T-MP2RAGE", "3T-MPRAGE")
 TABLE_METRICS = ("f1", "recall", "precision", "dsc")
 
 
-def phantom_scans(protocol: str, n: int, voxel_size: float, seed: int, work: Path):
+def phantom_scans(protocol: str, n: int, voxel_size: float, seed: int, work: Path,
+                  lesions: dict):
     """Simulate ``n`` phantoms; yield (subject, masked input image, reference CL mask)."""
     from cl_bidsapp.simulate import simulate_dataset
 
     bids = work / protocol
-    simulate_dataset(bids, n, protocols=(protocol,), voxel_size=voxel_size, seed=seed)
+    simulate_dataset(bids, n, protocols=(protocol,), voxel_size=voxel_size, seed=seed,
+                     **lesions)
     reference = bids / "derivatives" / "reference"
     images = sorted(p for p in bids.glob("sub-*/**/anat/*.nii.gz")
                     if p.name.endswith(("_UNIT1.nii.gz", "_T1w.nii.gz")))
@@ -47,21 +49,24 @@ def phantom_scans(protocol: str, n: int, voxel_size: float, seed: int, work: Pat
         suffix = "_UNIT1.nii.gz" if path.name.endswith("_UNIT1.nii.gz") else "_T1w.nii.gz"
         stem = path.name[: -len(suffix)]
         rel = path.relative_to(bids).parent
-        brain = np.asarray(nib.load(reference / rel / f"{stem}_desc-brain_mask.nii.gz").dataobj) > 0
-        truth = np.asarray(nib.load(reference / rel / f"{stem}_label-CL_mask.nii.gz").dataobj) > 0
+        brain = np.asarray(nib.load(reference / rel / f"{stem}_desc-brain_mask.nii.gz")
+                           .dataobj) > 0
+        truth = np.asarray(nib.load(reference / rel / f"{stem}_label-CL_mask.nii.gz")
+                           .dataobj) > 0
         img = nib.load(path)
         masked = nib.Nifti1Image(np.asarray(img.dataobj, np.float32) * brain, img.affine)
         yield stem, masked, truth, brain
 
 
 def evaluate(predictor, protocol: str, n: int, voxel_size: float, seed: int,
-             work: Path) -> pd.DataFrame:
+             work: Path, lesions: dict) -> pd.DataFrame:
     from cl_bidsapp.core.components import lesion_instances
     from cl_bidsapp.core.metrics import scan_scores
 
     model = predictor.model
     rows = []
-    for stem, image, truth, brain in phantom_scans(protocol, n, voxel_size, seed, work):
+    for stem, image, truth, brain in phantom_scans(protocol, n, voxel_size, seed, work,
+                                                   lesions):
         result = predictor.predict(image)
         probability = result.probability.get_fdata(dtype=np.float32)
         instances = lesion_instances(probability, model.recommended_threshold,
@@ -136,21 +141,25 @@ def main(argv=None) -> int:
     from cl_bidsapp.models.registry import resolve_model
 
     model = resolve_model(args.model)
-    training_seed = model.card.get("training", {}).get("simulator", {}).get("seed")
+    simulator = model.card.get("training", {}).get("simulator", {})
+    training_seed = simulator.get("seed")
+    # in-domain means the training distribution: same lesion count and contrast
+    lesions = {k: simulator[k] for k in ("lesion_mean", "lesion_contrast") if k in simulator}
     if training_seed is not None and int(training_seed) == args.seed:
         parser.error(f"--seed {args.seed} is the training seed: choose held-out phantoms")
     predictor = CLPredictor(model, device=args.device, tta=not args.no_tta,
                             threads=args.threads)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-models-"))
     start = time.time()
-    scans = pd.concat([evaluate(predictor, p, args.n, args.voxel_size, args.seed + i, work)
-                       for i, p in enumerate(args.protocols)], ignore_index=True)
+    scans = pd.concat([evaluate(predictor, p, args.n, args.voxel_size, args.seed + i, work,
+                                lesions) for i, p in enumerate(args.protocols)],
+                      ignore_index=True)
     if args.csv:
         scans.to_csv(args.csv, index=False)
     print(f"model {model.name} {model.version} (sha256 {model.sha256[:12]}), "
           f"{args.voxel_size:g} mm phantoms, seed {args.seed}, TTA "
           f"{'off' if args.no_tta else 'on'}, threshold {model.recommended_threshold}, "
-          f"min size {model.recommended_min_size_voxels} voxels; "
+          f"min size {model.recommended_min_size_voxels} voxels, lesions {lesions or 'default'}; "
           f"mean ± bootstrap SE over scans; {time.time() - start:.0f} s")
     print(format_table(summary_table(scans), markdown=args.markdown))
     return 0

@@ -77,10 +77,10 @@ def check_zip_entries(zf: zipfile.ZipFile, label: str = "zip",
         if info.flag_bits & 0x1:
             raise InputDataError(f"zip entry {name!r} is encrypted", path=label)
         total += info.file_size
-        if info.file_size > _CHUNK and info.compress_size and \
-                info.file_size / info.compress_size > MAX_COMPRESSION_RATIO:
-            raise InputDataError(f"zip entry {name!r} inflates {info.file_size / info.compress_size:.0f}"
-                                 f"x (a zip bomb?); refusing to extract", path=label)
+        ratio = info.file_size / info.compress_size if info.compress_size else 0
+        if info.file_size > _CHUNK and ratio > MAX_COMPRESSION_RATIO:
+            raise InputDataError(f"zip entry {name!r} inflates {ratio:.0f}x (a zip bomb?); "
+                                 "refusing to extract", path=label)
         files.append(info)
     if total > max_total_bytes:
         raise InputDataError(f"zip would inflate to {total / 1024**3:.1f} GiB (limit "

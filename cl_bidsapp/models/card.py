@@ -328,8 +328,8 @@ def write_card(model_dir: str | Path, *, name: str, version: str, description: s
     model_dir = Path(model_dir)
     plans_json = _read_json(model_dir / "plans.json")
     if folds is None:
-        folds = sorted((p.parent.name[len("fold_"):] for p in model_dir.glob(f"fold_*/{checkpoint}")),
-                       key=lambda f: (not f.isdigit(), int(f) if f.isdigit() else 0))
+        names = (p.parent.name[len("fold_"):] for p in model_dir.glob(f"fold_*/{checkpoint}"))
+        folds = sorted(names, key=lambda f: (not f.isdigit(), int(f) if f.isdigit() else 0))
         folds = [int(f) if f.isdigit() else f for f in folds]
     card = {
         "card_version": CARD_VERSION,

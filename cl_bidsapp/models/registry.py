@@ -287,7 +287,8 @@ def list_models(models_dir: str | Path | None = None) -> list[tuple[str, Path, s
     for folder, source in ((models_dir, "installed"), (bundled_models_dir(), "bundled")):
         if not folder.is_dir():
             continue
-        for path in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for path in sorted(p for p in folder.iterdir()
+                           if p.is_dir() and not p.name.startswith(".")):
             try:
                 card, _ = cards.load_card(path)
             except InputDataError:
