@@ -230,3 +230,20 @@ def test_nnunet_path_variables_are_not_left_behind(two_fold_model, monkeypatch):
 def test_card_lists_the_checkpoint_hash(two_fold_model):
     rel = cards.fold_checkpoint(0)
     assert two_fold_model.card["files"][rel] == cards.sha256_file(two_fold_model.path / rel)
+
+
+def test_full_training_checkpoint_loads_after_verification(tmp_path):
+    # nnU-Net's own checkpoint_final.pth keeps numpy scalars in its logs, which the restricted
+    # unpickler refuses; a verified one must still load.
+    folder = make_tiny_model(tmp_path, with_card=False)
+    path = folder / "fold_0" / "checkpoint_final.pth"
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint["logging"] = {"ema_fg_dice": [np.float64(0.25)], "epoch": np.int64(3)}
+    torch.save(checkpoint, path)
+    cards.write_card(folder, name="full-ckpt", version="1", description="x", licence="MIT",
+                     citation="x")
+    with pytest.raises(Exception):
+        torch.load(path, weights_only=True)
+    result = CLPredictor(resolve_model(str(folder)), device="cpu", tta=False).predict(
+        oblique_lps_image())
+    assert result.probability.shape == oblique_lps_image().shape
