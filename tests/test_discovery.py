@@ -137,6 +137,12 @@ def test_uni_with_both_inversions_same_acq(tmp_path):
      "t1map-sibling", "MP2RAGE"),
     (["sub-01/anat/sub-01_T1w.nii.gz"], {"ProtocolName": "t1_mprage_sag"}, "default",
      "MPRAGE"),
+    # an MPRAGE sidecar may carry RepetitionTimePreparation (its inversion cycle) too
+    (["sub-01/anat/sub-01_T1w.nii.gz"],
+     {"PulseSequenceType": "MPRAGE", "RepetitionTimePreparation": 2.3, "InversionTime": 0.9},
+     "sidecar", "MPRAGE"),
+    (["sub-01/anat/sub-01_T1w.nii.gz"],
+     {"PulseSequenceType": "MP2RAGE", "RepetitionTimePreparation": 5.0}, "sidecar", "MP2RAGE"),
 ])
 def test_t1w_classification_rules(tmp_path, files, sidecar, rule, contrast):
     content = {f: None for f in files}
@@ -266,3 +272,19 @@ def test_plan_table_lists_rule_and_companions(tmp_path):
     assert row.split() == ["01", "-", "MP2RAGE", "sub-01/anat/sub-01_T1w.nii.gz", "INV2",
                            "inv-sibling"]
     assert json.dumps(_plan(root)[0].to_dict())  # serialisable for logs
+
+
+def test_simulated_protocols_are_classified_as_what_they_simulate(tmp_path):
+    """The phantom writer's own sidecars: 3T-MPRAGE T1w is MPRAGE, MP2RAGE UNI stays MP2RAGE."""
+    from cl_bidsapp.simulate.protocols import get_protocol
+
+    mprage = get_protocol("3T-MPRAGE").sidecar()
+    assert "RepetitionTimePreparation" in mprage  # the case that used to be misread
+    root = make_dataset(tmp_path / "ds", {
+        "sub-01/anat/sub-01_T1w.nii.gz": None,
+        "sub-01/anat/sub-01_T1w.json": mprage,
+        "sub-02/anat/sub-02_T1w.nii.gz": None,
+        "sub-02/anat/sub-02_T1w.json": get_protocol("7T-MP2RAGE").sidecar(),
+    })
+    contrasts = {item.subject: item.contrast for item in _plan(root)}
+    assert contrasts == {"01": "MPRAGE", "02": "MP2RAGE"}
