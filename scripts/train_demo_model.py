@@ -311,13 +311,15 @@ def main(argv=None) -> int:
 
     started = time.time()
     timings = {}
+    cached = (work / "phantoms").is_dir()  # a rerun in the same --work reuses earlier steps
     cases = simulate_cases(work, args)
-    timings["simulate_s"] = round(time.time() - started, 1)
+    timings["simulate_s"] = "cached" if cached else round(time.time() - started, 1)
     log.info("%d training cases", len(cases))
     write_raw_dataset(cases, Path(os.environ["nnUNet_raw"]))
     t = time.time()
+    cached = (Path(os.environ["nnUNet_preprocessed"]) / DATASET_NAME / "nnUNetPlans.json").exists()
     plans = plan_and_preprocess(args)
-    timings["plan_preprocess_s"] = round(time.time() - t, 1)
+    timings["plan_preprocess_s"] = "cached" if cached else round(time.time() - t, 1)
     fold_folder = train(args, plans)
     if args.export_only:  # phantoms and preprocessing came from the cache: no real timings
         timings = {"note": "exported from an earlier training run; see train_s"}
