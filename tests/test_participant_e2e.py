@@ -105,6 +105,11 @@ def test_sidecars_and_record_carry_provenance(first_run, tiny_model):
     assert 900 < record["brain"]["brain_volume_ml"] < 2000
     desc = json.loads((out / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative"
+    # the instance map and its table share one sidecar: image provenance + table columns
+    dseg = json.loads((anat / "sub-01_seg-CL_dseg.json").read_text())
+    assert dseg["Model"]["SHA256"] == card_sha.hexdigest() and "Description" in dseg
+    table = pd.read_csv(anat / "sub-01_seg-CL_dseg.tsv", sep="\t")
+    assert set(table.columns) <= set(dseg), "every table column is described"
 
 
 def test_rerun_uses_the_cache(first_run):

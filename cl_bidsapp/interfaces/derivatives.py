@@ -155,6 +155,10 @@ class SaveDerivatives(SimpleInterface):
         for index in (3, 4):
             plan[index][2]["Sources"] = [f"bids::{rel(targets['probseg'])}"]
 
+        # The instance map and its table share a stem (BIDS: a dseg image and its look-up
+        # table), hence one sidecar: the image's fields plus the table's column descriptions.
+        assert sidecar_path(targets["lesion_table"]) == sidecar_path(targets["lesion_dseg"])
+        plan[4][2].update(lesion_table_sidecar())
         written = []
         for kind, src, sidecar in plan:
             dest = targets[kind]
@@ -162,9 +166,7 @@ class SaveDerivatives(SimpleInterface):
             write_json(sidecar_path(dest), sidecar)
             written += [dest, sidecar_path(dest)]
         _copy(inputs.lesion_table, targets["lesion_table"])
-        table_sidecar = lesion_table_sidecar()
-        write_json(sidecar_path(targets["lesion_table"]), table_sidecar)
-        written += [targets["lesion_table"], sidecar_path(targets["lesion_table"])]
+        written.append(targets["lesion_table"])
 
         seconds = {stage: round(float(getattr(inputs, f"{stage}_seconds")), 3)
                    for stage in STAGES if defined(getattr(inputs, f"{stage}_seconds"))
