@@ -111,12 +111,29 @@ def dataset_description(raw: dict[str, Any], bids_dir: Path,
 
 
 def container_info() -> dict[str, str] | None:
-    """Container type and tag when running inside one (set by the Dockerfile)."""
+    """Container type and tag when running inside one (set by the Dockerfile).
+
+    An image built from the Dockerfile and run by Apptainer (or Singularity) says so: those
+    runtimes set ``APPTAINER_CONTAINER`` / ``SINGULARITY_CONTAINER``.
+
+    >>> import os
+    >>> os.environ.update(CL_BIDSAPP_CONTAINER="docker", APPTAINER_CONTAINER="/x/cl.sif")
+    >>> container_info()["Type"]
+    'apptainer'
+    >>> for name in ("CL_BIDSAPP_CONTAINER", "APPTAINER_CONTAINER"):
+    ...     del os.environ[name]
+    >>> container_info() is None
+    True
+    """
     import os
 
     kind = os.environ.get("CL_BIDSAPP_CONTAINER")
     if not kind:
         return None
+    for runtime in ("APPTAINER", "SINGULARITY"):
+        if os.environ.get(f"{runtime}_CONTAINER"):
+            kind = runtime.lower()
+            break
     return {"Type": kind, "Tag": os.environ.get("CL_BIDSAPP_CONTAINER_TAG", __version__)}
 
 

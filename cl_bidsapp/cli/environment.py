@@ -38,6 +38,11 @@ def prepare_environment(work_dir: Path, omp_nthreads: int | None = None) -> dict
     """
     cache = Path(work_dir) / "cache"
     changed: dict[str, str] = {}
+    # Installed models live in the user's cache: pin that folder before XDG_CACHE_HOME moves.
+    from cl_bidsapp.models.registry import ENV_MODELS_DIR, default_models_dir
+
+    if not os.environ.get(ENV_MODELS_DIR):
+        os.environ[ENV_MODELS_DIR] = changed[ENV_MODELS_DIR] = str(default_models_dir())
     for name in CACHE_VARIABLES + ("TMPDIR",):
         if not _writable(os.environ.get(name)):
             target = Path(work_dir) / "tmp" if name == "TMPDIR" else cache / name.lower()
@@ -53,12 +58,24 @@ def prepare_environment(work_dir: Path, omp_nthreads: int | None = None) -> dict
     for name in NNUNET_VARIABLES:  # never used for prediction; set so nnU-Net stays quiet
         if not os.environ.get(name):
             os.environ[name] = changed[name] = str(cache / name)
+    if not os.environ.get("LOGNAME"):  # Nipype's SLURM/SGE plugins name jobs after it
+        os.environ["LOGNAME"] = changed["LOGNAME"] = _user_name()
     if omp_nthreads:
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             os.environ.setdefault(name, str(omp_nthreads))
     if changed:
         LOGGER.debug("caches redirected: %s", ", ".join(f"{k}={v}" for k, v in changed.items()))
     return changed
+
+
+def _user_name() -> str:
+    """The login name, also for a UID without a passwd entry (``docker run --user 4242``)."""
+    import getpass
+
+    try:
+        return os.environ.get("USER") or getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid{os.getuid()}"
 
 
 def resolve_device(device: str) -> tuple[str, list[str]]:
