@@ -6,11 +6,19 @@ skip with a reason on a fresh checkout where that folder is absent.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Tests call the console scripts (cl-bidsapp, cl-bidsapp-models, ...) as users do; make the
+# ones installed beside this interpreter win, also when the venv is not activated
+# (`.venv/bin/python -m pytest`, as the README's test command runs).
+_BIN = str(Path(sys.executable).parent)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = os.pathsep.join([_BIN, os.environ.get("PATH", "")])
 
 
 def _shared_data_dir() -> Path:
