@@ -109,22 +109,27 @@ def evaluate_image(job: dict[str, Any]) -> dict[str, Any]:
     job : dict
         ``bids_name``; paths ``prediction`` (binary lesion mask), ``reference``,
         ``probability`` and ``brain_mask`` (optional, for calibration), ``error_map`` (where
-        to write it) and ``sidecar`` (its JSON content).
+        to write it) and ``sidecar`` (its JSON content); optional for the error analysis:
+        ``tissue`` (tissue -> probability map path), ``lesion_dseg`` and ``lesion_table``.
 
     Returns
     -------
     dict
-        ``bids_name``, the scores of :data:`SCORE_COLUMNS` and ``problem`` (None, or why the
-        reference could not be used, naming both files).
+        ``bids_name``, the scores of :data:`SCORE_COLUMNS`, ``problem`` (None, or why the
+        reference could not be used, naming both files), ``lesions`` (the per-lesion rows of
+        :func:`cl_bidsapp.group.error_analysis.image_lesion_rows`) and ``notes`` (inputs of
+        the error analysis that could not be used).
     """
     from cl_bidsapp.core.images import compare_grids, load_image
     from cl_bidsapp.core.metrics import (brier_score, dice, expected_calibration_error,
                                          lesion_detection, normalised_dice)
     from cl_bidsapp.core.preproc import image_like
     from cl_bidsapp.errors import CLBidsAppError
+    from cl_bidsapp.group.error_analysis import image_lesion_rows
     from cl_bidsapp.io import save_nifti, write_json
 
-    result: dict[str, Any] = {"bids_name": job["bids_name"], "problem": None}
+    result: dict[str, Any] = {"bids_name": job["bids_name"], "problem": None, "lesions": [],
+                              "notes": []}
     try:
         predicted_img = load_image(job["prediction"])
         reference_img = load_image(job["reference"])
@@ -148,19 +153,22 @@ def evaluate_image(job: dict[str, Any]) -> dict[str, Any]:
     result["dsc"] = dice(predicted, reference)
     result["ndsc"] = normalised_dice(predicted, reference)
     result["brier"] = result["ece"] = float("nan")
-    if job.get("probability"):
-        try:
+    probability = brain = None
+    try:
+        if job.get("brain_mask"):
+            brain = np.asarray(load_image(job["brain_mask"]).dataobj).reshape(shape)
+        if job.get("probability"):
             probability = np.asarray(load_image(job["probability"]).dataobj,
                                      dtype=np.float32).reshape(shape)
-            brain = None
-            if job.get("brain_mask"):
-                brain = np.asarray(load_image(job["brain_mask"]).dataobj).reshape(shape)
             result["brier"] = brier_score(probability, reference, brain)
             result["ece"] = expected_calibration_error(probability, reference, brain)
-        except (CLBidsAppError, ValueError) as exc:
-            logger.warning("%s: calibration skipped (%s)", job["bids_name"], exc)
+    except (CLBidsAppError, ValueError) as exc:
+        logger.warning("%s: calibration skipped (%s)", job["bids_name"], exc)
+        probability = brain = None
     save_nifti(image_like(detection.error_map, predicted_img, np.uint8), job["error_map"])
     write_json(Path(str(job["error_map"]).replace(".nii.gz", ".json")), job["sidecar"])
+    result["lesions"], result["notes"] = image_lesion_rows(
+        job, predicted, reference, detection.records, predicted_img, probability, brain)
     return result
 
 
@@ -248,8 +256,12 @@ def evaluation_jobs(summaries: Sequence, reference_dir: Path, output_dir: Path
     """Jobs for :func:`evaluate_image`, and the processed images that have no reference."""
     from cl_bidsapp.bids.derivatives import output_path, source_entities
 
+    from cl_bidsapp.group.error_analysis import index_tissue_maps, match_tissue_maps
+
     index = index_reference_masks(reference_dir)
-    logger.info("%d reference mask(s) in %s", len(index), reference_dir)
+    tissue_index = index_tissue_maps(reference_dir)
+    logger.info("%d reference mask(s) and tissue maps for %d image(s) in %s", len(index),
+                len(tissue_index), reference_dir)
     jobs, unmatched = [], []
     for s in summaries:
         prediction = s.output("lesion_mask")
@@ -267,7 +279,10 @@ def evaluation_jobs(summaries: Sequence, reference_dir: Path, output_dir: Path
                      "probability": _existing(s.output("probseg")),
                      "brain_mask": _existing(s.output("brain_mask")),
                      "error_map": str(error_map),
-                     "sidecar": error_map_sidecar(rel, reference)})
+                     "sidecar": error_map_sidecar(rel, reference),
+                     "tissue": match_tissue_maps(tissue_index, s.entities),
+                     "lesion_dseg": _existing(s.output("lesion_dseg")),
+                     "lesion_table": _existing(s.output("lesion_table"))})
     return jobs, unmatched
 
 

@@ -47,6 +47,8 @@ class ReportInputs:
     frequency_left_out: int = 0
     frequency_missing: str = ""
     files: list[str] = field(default_factory=list)
+    #: The error-analysis block (:func:`cl_bidsapp.group.error_analysis.report_block`).
+    error_analysis: dict[str, Any] | None = None
 
 
 def write_report(summaries: Sequence[ImageSummary], inputs: ReportInputs,
@@ -95,6 +97,7 @@ def report_context(summaries: Sequence[ImageSummary], inputs: ReportInputs) -> d
                      "reasons": [r for _, r in s.flags]} for s in flagged[:MAX_FLAGGED_ROWS]],
         "flagged_more": max(0, len(flagged) - MAX_FLAGGED_ROWS),
         "evaluation": _evaluation(inputs),
+        "error_analysis": inputs.error_analysis,
         "frequency": {"file": inputs.frequency_file, "n_images": inputs.frequency_images,
                       "n_left_out": inputs.frequency_left_out},
         "frequency_missing": inputs.frequency_missing,
