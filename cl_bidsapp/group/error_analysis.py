@@ -155,7 +155,9 @@ def _tissue_labels(job, grid, crop, brain, notes: list[str]) -> np.ndarray | Non
         if not same:
             notes.append(f"{job['bids_name']}: {message}; cortical involvement left n/a")
             continue
-        maps[label] = np.asarray(img.dataobj, dtype=np.float32).reshape(grid.shape[:3])[crop]
+        # only the box around the lesions is read (and decompressed only up to it)
+        index = crop + (0,) * (len(img.shape) - 3)
+        maps[label] = np.asarray(img.dataobj[index], dtype=np.float32)
     if "WM" not in maps and "GM" in maps and brain is None:
         notes.append(f"{job['bids_name']}: a GM map without a WM map needs the brain mask; "
                      "cortical involvement left n/a")
@@ -343,24 +345,35 @@ def strata_figure(strata: pd.DataFrame) -> bytes | None:
     if not groupings:
         return None
     widths = [max(2, int((strata["grouping"] == g).sum())) for g in groupings]
-    fig = Figure(figsize=(min(3.0 + 1.1 * sum(widths), 13), 3.4), dpi=100, layout="constrained")
+    fig = Figure(figsize=(min(3.0 + 1.1 * sum(widths), 13), 3.8), dpi=100, layout="constrained")
     axes = fig.subplots(1, len(groupings), squeeze=False, sharey=True,
                         gridspec_kw={"width_ratios": widths})[0]
     for ax, grouping in zip(axes, groupings):
         part = strata[strata["grouping"] == grouping]
         x = np.arange(len(part))
-        for offset, (score, label, colour) in zip(
-                (-0.2, 0.2), (("detection_rate", "detection rate", "#2e86c1"),
-                              ("f1", "F1", "#c0392b"))):
-            ax.bar(x + offset, part[score].fillna(0), width=0.38, color=colour, label=label,
-                   yerr=part[f"{score}_se"].fillna(0), capsize=2, error_kw={"lw": 0.8})
+        for offset, (score, colour) in zip((-0.2, 0.2), (("detection_rate", "#2e86c1"),
+                                                         ("f1", "#c0392b"))):
+            value = part[score].to_numpy(dtype=float)
+            se = part[f"{score}_se"].to_numpy(dtype=float)
+            shown = np.isfinite(value)
+            ax.bar(x[shown] + offset, value[shown], width=0.38, color=colour)
+            bars = shown & np.isfinite(se)
+            ax.errorbar(x[bars] + offset, value[bars], yerr=se[bars], fmt="none",
+                        ecolor="black", elinewidth=0.8, capsize=2)
+            for position in x[~shown]:
+                ax.text(position + offset, 0.02, "n/a", ha="center", fontsize=7, rotation=90)
         ax.set_xticks(x, [f"{g}\nn={n}" for g, n in zip(part["group"], part["n_reference"])],
                       fontsize=8)
         ax.set_title(_TITLES[grouping], fontsize=10)
         ax.set_ylim(0, 1.05)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].set_ylabel("pooled over images")
-    axes[0].legend(fontsize=8, loc="lower left")
+    axes[0].set_ylabel("pooled over images (± SE)")
+    from matplotlib.patches import Patch
+
+    fig.legend(handles=[Patch(color="#2e86c1", label="detection rate"),
+                        Patch(color="#c0392b", label="F1")], loc="outside upper center",
+               ncols=2, fontsize=8, title="n = reference lesions", title_fontsize=8,
+               alignment="left")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     return buffer.getvalue()
