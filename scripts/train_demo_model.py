@@ -16,7 +16,10 @@ Steps, all on the CPU:
 5. export the slim checkpoint, ``plans.json`` and ``dataset.json`` with a card
    (``write_card``) that records every setting, seed and timing;
 6. choose the card's threshold and minimum lesion size on ``--n-val`` validation phantoms
-   simulated with another seed.
+   simulated with another seed;
+7. store the out-of-distribution reference in the card: bottleneck embeddings of the
+   training scans (mean, shrunk covariance) and a threshold from the validation phantoms'
+   distances (docs/ood.md).
 
 Typical run (20-60 minutes on 2 shared cores)::
 
@@ -297,6 +300,26 @@ def tune_postprocessing(args, work: Path) -> dict:
             "grid": grid}
 
 
+def calibrate_ood(args, work: Path) -> dict:
+    """Write the out-of-distribution reference into the card (training + validation scans)."""
+    from cl_bidsapp.models.calibration import build_reference, embed_images, write_reference
+    from cl_bidsapp.models.registry import resolve_model
+
+    model = resolve_model(str(args.out))
+    train = [image for image, _ in masked_uni_cases(work / "phantoms", work / "masked")]
+    held = []
+    if (work / "validation").is_dir():
+        held = [image for image, _ in masked_uni_cases(work / "validation",
+                                                       work / "validation-masked")]
+    x_train, info = embed_images(model, train, threads=args.threads)
+    x_held = embed_images(model, held, threads=args.threads)[0] if held else None
+    sources = {"in_domain": {"what": "the training phantoms (UNIT1 x true brain mask)",
+                             "n_scans": len(train), "seed": args.seed},
+               "held_out": {"what": "the validation phantoms", "n_scans": len(held),
+                            "seed": args.seed + VALIDATION_SEED_OFFSET} if held else None}
+    return write_reference(model, build_reference(x_train, x_held), info, sources)
+
+
 def _last(values):
     values = [v for v in (values or []) if v is not None]
     return float(values[-1]) if values else None
@@ -357,6 +380,11 @@ def main(argv=None) -> int:
         settings["timings"]["tune_s"] = round(time.time() - t, 1)
         card = write_demo_card(args.out, args, settings, tuning["chosen"]["threshold"],
                                tuning["chosen"]["min_size"])
+    t = time.time()
+    card = calibrate_ood(args, work)
+    log.info("OOD reference: %d training scans, threshold %.3f (%s) in %.0f s",
+             card["ood"]["n_scans"], card["ood"]["threshold"], card["ood"]["threshold_from"],
+             time.time() - t)
     log.info("wrote %s (%s files, threshold %s, min size %s); total %.1f min", args.out,
              len(card["files"]), card["postprocessing"]["threshold"],
              card["postprocessing"]["min_lesion_size_voxels"], (time.time() - started) / 60)

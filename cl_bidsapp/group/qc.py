@@ -169,6 +169,16 @@ def flag_run_conditions(summaries: Sequence[ImageSummary], phantom_dataset: bool
                                              f"{shown(example)}; do not pool them blindly")
 
 
+def flag_outside_domain(summaries: Sequence[ImageSummary]) -> None:
+    """Flag images whose out-of-distribution score exceeds the model card's threshold."""
+    for s in summaries:
+        if s.status == "ok" and s.values.get("ood_verdict") == "outside":
+            s.flag("outside_domain", f"outside the model's domain: OOD score "
+                                     f"{s.values['ood_score']:.1f} above the model's threshold "
+                                     f"{s.values['ood_threshold']:.1f}; its lesions may be "
+                                     "unreliable (docs/ood.md)")
+
+
 def flag_registration(summary: ImageSummary, dice: float | None, error: str | None) -> None:
     """Flag an image whose template registration failed or overlaps the template poorly."""
     if error:

@@ -281,6 +281,12 @@ def _fill_results(values: dict, record: dict) -> None:
     values["brain_volume_ml"] = _number(brain.get("brain_volume_ml"))
     for key in INTENSITY_KEYS:
         values[f"intensity_{key}"] = _number(brain.get(f"intensity_{key}"))
+    ood = record.get("ood") or {}
+    if ood:  # out-of-distribution score (docs/ood.md)
+        values["ood_score"] = _number(ood.get("score"))
+        values["ood_threshold"] = _number(ood.get("threshold"))
+        values["ood_verdict"] = _shared(ood.get("verdict") if ood.get("verdict") in (
+            "inside", "outside") else "unknown")
 
 
 def _shared(value):

@@ -83,6 +83,10 @@ class _SaveInputSpec(BaseInterfaceInputSpec):
     model_input_seconds = traits.Float()
     segment_seconds = traits.Float()
     lesions_seconds = traits.Float()
+    # out-of-distribution score (models/embedding.py, models/calibration.py)
+    embedding = File(exists=True, desc="bottleneck embedding TSV")
+    embedding_info = traits.Dict()
+    ood = traits.Dict()
 
 
 class _SaveOutputSpec(TraitedSpec):
@@ -167,6 +171,16 @@ class SaveDerivatives(SimpleInterface):
             written += [dest, sidecar_path(dest)]
         _copy(inputs.lesion_table, targets["lesion_table"])
         written.append(targets["lesion_table"])
+        ood = dict(defined(inputs.ood) or {})
+        if defined(inputs.embedding):
+            from cl_bidsapp.models.embedding import embedding_sidecar
+
+            targets["embedding"] = output_path(out_dir, ents, "embedding")
+            _copy(inputs.embedding, targets["embedding"])
+            write_json(sidecar_path(targets["embedding"]), embedding_sidecar({
+                **dict(defined(inputs.embedding_info) or {}),
+                "Sources": [f"bids::{rel(targets['preproc'])}"], "OODScore": ood}))
+            written += [targets["embedding"], sidecar_path(targets["embedding"])]
 
         seconds = {stage: round(float(getattr(inputs, f"{stage}_seconds")), 3)
                    for stage in STAGES if defined(getattr(inputs, f"{stage}_seconds"))
@@ -192,6 +206,8 @@ class SaveDerivatives(SimpleInterface):
             "warnings": list(dict.fromkeys(warnings)),
             "seconds": seconds,
         }
+        if ood:
+            record["ood"] = ood
         rec = record_path(out_dir, item["subject"], item["bids_name"])
         write_json(rec, record)
         self._results["out_files"] = [str(p) for p in written]

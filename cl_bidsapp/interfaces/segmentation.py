@@ -32,6 +32,9 @@ class _SegmentOutputSpec(StageOutputSpec):
     fold_probabilities = traits.List(File(exists=True), desc="one map per fold")
     folds = traits.List(traits.Str)
     device_used = traits.Str()
+    embedding = File(exists=True, desc="bottleneck embedding (TSV, see models/embedding.py)")
+    embedding_info = traits.Dict(desc="layer, pooling, fold and checkpoint of the embedding")
+    ood = traits.Dict(desc="out-of-distribution score, threshold and verdict")
 
 
 class Segment(StageInterface):
@@ -56,6 +59,13 @@ class Segment(StageInterface):
             for fold, img in zip(result.folds, result.fold_probabilities)]
         self._results["folds"] = [str(f) for f in result.folds]
         self._results["device_used"] = result.device
+        if result.embedding is not None:
+            from cl_bidsapp.models.embedding import embedding_tsv
+
+            self._results["embedding"] = str(write_text(cwd / "embedding.tsv",
+                                                        embedding_tsv(result.embedding)))
+            self._results["embedding_info"] = dict(result.embedding_info)
+            self._results["ood"] = dict(result.ood)
 
 
 class _FindLesionsInputSpec(BaseInterfaceInputSpec):

@@ -86,6 +86,7 @@ CARD_SCHEMA: dict[str, Any] = {
         "licence": {"type": "string", "minLength": 1},
         "citation": {"type": "string"},
         "training": {"type": "object"},
+        "ood": {"type": "object"},
         "files": {"type": "object", "minProperties": 1,
                   "additionalProperties": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
     },
@@ -207,6 +208,10 @@ def card_problems(card: Any) -> list[str]:
     for required in ("dataset.json", "plans.json"):
         if required not in card["files"]:
             problems.append(f"card.files does not list {required}")
+    if "ood" in card:  # out-of-distribution reference (cl-bidsapp-models calibrate)
+        from cl_bidsapp.core.ood import reference_problems
+
+        problems += [f"card.{p}" for p in reference_problems(card["ood"])]
     return problems
 
 

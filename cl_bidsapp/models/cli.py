@@ -7,12 +7,14 @@ Examples::
     cl-bidsapp-models list
     cl-bidsapp-models verify cl-2025
     cl-bidsapp-models show cl-demo-phantom
+    cl-bidsapp-models calibrate cl-2025 /data/in-domain-derivatives --held-out /data/held-out
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -58,6 +60,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("model", help="model name, or path to a model folder or zip")
         if command == "show":
             p.add_argument("--json", action="store_true", help="print the card as JSON")
+
+    p = sub.add_parser("calibrate", help="store the out-of-distribution reference of a model "
+                                         "(scans you name as in-domain) in its card")
+    p.add_argument("model", help="installed model name, or path to a model folder")
+    p.add_argument("bids_dir", type=Path,
+                   help="in-domain scans: a cl-bidsapp output folder (its embeddings or model "
+                        "inputs are used) or a raw BIDS dataset (the participant level runs "
+                        "on it first)")
+    p.add_argument("--held-out", type=Path, default=None,
+                   help="other in-domain scans (same forms) to set the threshold on; without "
+                        "them the threshold comes from leave-one-out distances")
+    p.add_argument("--quantile", type=float, default=0.95,
+                   help="threshold = this quantile of held-out distances (default: "
+                        "%(default)s)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="where participant-level runs on raw BIDS data go (default: a "
+                        "temporary folder)")
+    p.add_argument("--app-args", default="",
+                   help="more participant-level options for raw BIDS data, as one string "
+                        "(e.g. \"-d masks=/data/derivatives/masks --nprocs 4\")")
     return parser
 
 
@@ -86,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(model.card, indent=2))
             else:
                 print(describe_model(model))
+        elif args.command == "calibrate":
+            _calibrate(args)
     except CLBidsAppError as exc:
         print(f"cl-bidsapp-models: error: {exc}", file=sys.stderr)
         return int(exc.exit_code)
@@ -110,10 +135,28 @@ def describe_model(model: InstalledModel) -> str:
         f"{model.recommended_min_size_voxels} voxels ({model.connectivity}-connectivity)",
         f"  nnU-Net:       {model.trainer} / {card['nnunet']['plans']} / "
         f"{model.configuration}, folds {model.folds}",
+        f"  OOD reference: " + (f"{card['ood']['n_scans']} scans, threshold "
+                                f"{card['ood']['threshold']}" if card.get("ood") else
+                                "none (cl-bidsapp-models calibrate)"),
         f"  licence:       {card['licence']}",
         f"  citation:      {card['citation']}",
     ]
     return "\n".join(lines)
+
+
+def _calibrate(args) -> None:
+    from cl_bidsapp.errors import UsageError
+    from cl_bidsapp.models.calibration import calibrate
+
+    if not 0 < args.quantile < 1:
+        raise UsageError(f"--quantile must be between 0 and 1, got {args.quantile}")
+    model = resolve_model(args.model, args.models_dir)
+    card = calibrate(model, args.bids_dir, args.held_out, device=args.device,
+                     quantile=args.quantile, work_dir=args.work_dir,
+                     app_args=shlex.split(args.app_args))
+    print(f"{model.name}: reference of {card['ood']['n_scans']} scans, threshold "
+          f"{card['ood']['threshold']:.3f} ({card['ood']['threshold_from']}, quantile "
+          f"{card['ood']['quantile']}) written to {model.path / 'cl_model.json'}")
 
 
 def _print_list(models_dir) -> None:

@@ -9,6 +9,10 @@ probabilities are mapped back to the voxel order and affine of the input image.
 
 Each fold runs once. The ensemble map averages the folds' logits before the softmax (as
 nnU-Net does); per-fold maps come from each fold's own logits, for lesion uncertainty.
+
+During one fold's sliding window a hook records the bottleneck features of the scan
+(:mod:`cl_bidsapp.models.embedding`); their distance to the model card's reference is the
+out-of-distribution score (:mod:`cl_bidsapp.models.calibration`).
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ import numpy as np
 
 from cl_bidsapp.errors import InputDataError, TemporaryFailure, UsageError
 from cl_bidsapp.models import nnunet_backend as backend
+from cl_bidsapp.models.calibration import embedding_fold, embedding_provenance, ood_record
+from cl_bidsapp.models.embedding import BottleneckCapture
 from cl_bidsapp.models.registry import InstalledModel, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -52,6 +58,14 @@ class PredictionResult:
         Where the network ran (``cpu``, ``cuda:0``).
     seconds : float
         Wall time of the prediction (reading, preprocessing, network, resampling).
+    embedding : numpy.ndarray or None
+        Bottleneck feature vector of the scan (None when the predictor was made with
+        ``embed=False``).
+    embedding_info : dict
+        Layer, pooling, tiles, fold and checkpoint sha256 of the embedding.
+    ood : dict
+        Out-of-distribution score, threshold and verdict (see
+        :func:`cl_bidsapp.models.calibration.ood_record`).
     """
 
     probability: nib.Nifti1Image
@@ -59,6 +73,9 @@ class PredictionResult:
     folds: list = field(default_factory=list)
     device: str = "cpu"
     seconds: float = 0.0
+    embedding: np.ndarray | None = None
+    embedding_info: dict = field(default_factory=dict)
+    ood: dict = field(default_factory=dict)
 
 
 def select_device(device: str = "auto"):
@@ -119,11 +136,13 @@ class CLPredictor:
         Also return one probability map per fold (always done with several folds).
     threads : int, optional
         CPU threads for PyTorch during prediction (default: leave PyTorch's setting).
+    embed : bool
+        Capture the bottleneck embedding and score it against the card's reference.
     """
 
     def __init__(self, model: InstalledModel | str | Path | None = None, device: str = "auto",
                  folds=None, tta: bool = True, tile_step_size: float = 0.5,
-                 per_fold: bool = False, threads: int | None = None):
+                 per_fold: bool = False, threads: int | None = None, embed: bool = True):
         import torch
 
         self.model = model if isinstance(model, InstalledModel) else resolve_model(model)
@@ -134,6 +153,7 @@ class CLPredictor:
         self.folds = self._check_folds(folds)
         self.tta, self.tile_step_size = bool(tta), float(tile_step_size)
         self.per_fold, self.threads = bool(per_fold), threads
+        self.embed = bool(embed)
         with self._torch_threads():
             self.device = select_device(device)
         nn = backend.import_nnunet()
@@ -232,11 +252,15 @@ class CLPredictor:
             data, props = self._read_like_nnunet(image)
             with backend.quiet_nnunet():
                 preprocessor = self._configuration.preprocessor_class(verbose=False)
-                data, _, props = preprocessor.run_case_npy(
+                data, nonzero, props = preprocessor.run_case_npy(
                     data, None, props, self._plans_manager, self._configuration,
                     self._dataset_json)
             data = torch.from_numpy(data)
-            fold_logits = [self._fold_logits(params, data) for params in self._parameters]
+            embed_fold = embedding_fold(self.model, self.folds) if self.embed else None
+            capture = BottleneckCapture(nonzero[0] >= 0) if self.embed else None
+            fold_logits = [self._fold_logits(params, data,
+                                             capture if fold == embed_fold else None)
+                           for fold, params in zip(self.folds, self._parameters)]
             if len(fold_logits) == 1:
                 ensemble = fold_logits[0].float()
             else:
@@ -245,11 +269,17 @@ class CLPredictor:
             fold_maps = []
             if self.per_fold or len(fold_logits) > 1:
                 fold_maps = [self._to_image(lg, props, image) for lg in fold_logits]
+        vector, info, ood = None, {}, {}
+        if capture is not None:
+            vector, info = capture.embedding()
+            info.update(embedding_provenance(self.model, embed_fold))
+            ood = ood_record(self.model, vector, info)
         seconds = time.perf_counter() - start
         logger.info("predicted %s in %.1f s on %s", _describe(image), seconds, self.device)
         return PredictionResult(probability=probability, fold_probabilities=fold_maps,
                                 folds=list(self.folds), device=str(self.device),
-                                seconds=seconds)
+                                seconds=seconds, embedding=vector, embedding_info=info,
+                                ood=ood)
 
     def _read_like_nnunet(self, image: nib.Nifti1Image):
         # Reading our own temporary file through the model's reader class gives exactly the
@@ -271,12 +301,13 @@ class CLPredictor:
                 data, props = self._reader.read_images([path])
         return data, props
 
-    def _fold_logits(self, params, data):
+    def _fold_logits(self, params, data, capture=None):
         import torch
 
         self._nnunet.network.load_state_dict(params)
+        hooked = capture.attached(self._nnunet) if capture else contextlib.nullcontext()
         try:
-            with backend.quiet_nnunet():
+            with backend.quiet_nnunet(), hooked:
                 return self._nnunet.predict_sliding_window_return_logits(data).to("cpu")
         except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
             if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc):
@@ -351,20 +382,21 @@ def _read_json(path: Path) -> dict:
 
 def get_predictor(model: InstalledModel | str | Path | None = None, device: str = "auto",
                   folds=None, tta: bool = True, tile_step_size: float = 0.5,
-                  per_fold: bool = False, threads: int | None = None) -> CLPredictor:
+                  per_fold: bool = False, threads: int | None = None,
+                  embed: bool = True) -> CLPredictor:
     """A :class:`CLPredictor` cached per process, so each model is loaded once.
 
     The cache key holds the model's sha256 and folder, the device asked for, folds, TTA, tile
-    step, per-fold output and threads.
+    step, per-fold output, threads and whether the embedding is captured.
     """
     if not isinstance(model, InstalledModel):
         model = resolve_model(model)
     key = (model.sha256, str(model.path), str(device), tuple(str(f) for f in folds or ()),
-           bool(tta), float(tile_step_size), bool(per_fold), threads)
+           bool(tta), float(tile_step_size), bool(per_fold), threads, bool(embed))
     if key not in _CACHE:
         _CACHE[key] = CLPredictor(model, device=device, folds=folds, tta=tta,
                                   tile_step_size=tile_step_size, per_fold=per_fold,
-                                  threads=threads)
+                                  threads=threads, embed=embed)
     return _CACHE[key]
 
 

@@ -113,6 +113,22 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return f"{float(value):,.{digits}f}"
 
 
+def ood_line(ood: dict[str, Any]) -> str:
+    """The out-of-distribution score in words: score, threshold, verdict (docs/ood.md).
+
+    >>> ood_line({"score": 12.3, "threshold": 9.8, "verdict": "outside"})
+    "12.3 (threshold 9.8): outside the model's domain"
+    >>> ood_line({"score": None, "verdict": "unknown", "note": "no reference"})
+    'not scored: no reference'
+    """
+    score, threshold = ood.get("score"), ood.get("threshold")
+    if score is None:
+        return f"not scored: {ood.get('note') or 'no reference distribution'}"
+    words = {"inside": "inside the model's domain", "outside": "outside the model's domain"}
+    return (f"{_fmt(score)} (threshold {_fmt(threshold)}): "
+            f"{words.get(ood.get('verdict'), 'no threshold')}")
+
+
 def image_section(output_dir: Path, record: dict[str, Any], fmt: str = "png") -> ImageSection:
     """Build the report section of one record (failed or not); write its figures."""
     section = ImageSection(
@@ -132,6 +148,8 @@ def image_section(output_dir: Path, record: dict[str, Any], fmt: str = "png") ->
         ("total lesion volume", f"{_fmt(volume)} mm³" if volume is not None else "n/a"),
         ("brain volume", f"{_fmt((record.get('brain') or {}).get('brain_volume_ml'))} mL"),
     ]
+    if record.get("ood"):
+        section.cards.append(("model domain (OOD score)", ood_line(record["ood"])))
     table = None
     table_path = output_file(output_dir, record, "lesion_table")
     if table_path is not None:

@@ -142,6 +142,9 @@ def init_image_wf(item: WorkItem, opts: ParticipantOptions):
                         ("outputnode.folds", "folds"),
                         ("outputnode.device_used", "device_used"),
                         ("outputnode.segment_seconds", "segment_seconds"),
+                        ("outputnode.embedding", "embedding"),
+                        ("outputnode.embedding_info", "embedding_info"),
+                        ("outputnode.ood", "ood"),
                         ("outputnode.lesions_seconds", "lesions_seconds")]),
     ])
     return wf

@@ -38,7 +38,7 @@ def init_cl_segmentation_wf(*, model_path: str, threshold: float, min_size: str,
     -------
     probability, fold_probabilities, folds, device_used, lesion_mask, lesion_dseg,
     lesion_table, n_lesions, total_volume_mm3, min_size_voxels, segment_seconds,
-    lesions_seconds
+    lesions_seconds, embedding, embedding_info, ood
 
     Examples
     --------
@@ -53,7 +53,8 @@ def init_cl_segmentation_wf(*, model_path: str, threshold: float, min_size: str,
     outputnode = pe.Node(niu.IdentityInterface(fields=[
         "probability", "fold_probabilities", "folds", "device_used", "lesion_mask",
         "lesion_dseg", "lesion_table", "n_lesions", "total_volume_mm3", "min_size_voxels",
-        "segment_seconds", "lesions_seconds"]), name="outputnode")
+        "segment_seconds", "lesions_seconds", "embedding", "embedding_info", "ood"]),
+        name="outputnode")
     segment = pe.Node(Segment(model=str(model_path), device=device, tta=tta,
                               tile_step_size=tile_step_size, threads=omp_nthreads,
                               use_gpu=(device == "cuda")),
@@ -69,7 +70,8 @@ def init_cl_segmentation_wf(*, model_path: str, threshold: float, min_size: str,
         (segment, outputnode, [("probability", "probability"),
                                ("fold_probabilities", "fold_probabilities"),
                                ("folds", "folds"), ("device_used", "device_used"),
-                               ("seconds", "segment_seconds")]),
+                               ("seconds", "segment_seconds"), ("embedding", "embedding"),
+                               ("embedding_info", "embedding_info"), ("ood", "ood")]),
         (find_lesions, outputnode, [("lesion_mask", "lesion_mask"),
                                     ("lesion_dseg", "lesion_dseg"),
                                     ("lesion_table", "lesion_table"),
