@@ -47,6 +47,8 @@ class ReportInputs:
     frequency_left_out: int = 0
     frequency_missing: str = ""
     files: list[str] = field(default_factory=list)
+    #: The out-of-distribution block (:func:`cl_bidsapp.group.ood.ood_block`).
+    ood: dict[str, Any] | None = None
     #: The error-analysis block (:func:`cl_bidsapp.group.error_analysis.report_block`).
     error_analysis: dict[str, Any] | None = None
 
@@ -101,11 +103,19 @@ def report_context(summaries: Sequence[ImageSummary], inputs: ReportInputs) -> d
         "frequency": {"file": inputs.frequency_file, "n_images": inputs.frequency_images,
                       "n_left_out": inputs.frequency_left_out},
         "frequency_missing": inputs.frequency_missing,
+        "ood": _ood(inputs.ood),
         "files": inputs.files,
     }
     context["figures"].setdefault("distributions", None)
     context["figures"].setdefault("frequency", None)
     return context
+
+
+def _ood(block: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not block:
+        return None
+    figure = block.get("figure")
+    return {**block, "figure": base64.b64encode(figure).decode("ascii") if figure else None}
 
 
 def _by_group(done: list[dict]) -> list[dict[str, Any]]:

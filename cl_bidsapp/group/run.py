@@ -29,7 +29,8 @@ from cl_bidsapp.group.domain import domain_rule, find_model_card
 from cl_bidsapp.group.error_analysis import write_error_analysis
 from cl_bidsapp.group.figures import distribution_figure, frequency_figure
 from cl_bidsapp.group.parallel import run_jobs
-from cl_bidsapp.group.qc import flag_outliers, flag_run_conditions
+from cl_bidsapp.group.ood import ood_block
+from cl_bidsapp.group.qc import flag_outliers, flag_outside_domain, flag_run_conditions
 from cl_bidsapp.group.records import (any_record, column_dictionary, read_participants,
                                       summarise_image)
 from cl_bidsapp.group.report import REPORT_NAME, ReportInputs, write_report
@@ -95,6 +96,7 @@ def run_group_level(settings, items: Sequence, raw_description: dict, *,
     n_lesions = write_lesions_table(summaries, group_dir, out)
     flag_outliers(summaries)
     flag_run_conditions(summaries, is_phantom_metadata(raw_description))
+    flag_outside_domain(summaries)
 
     problems: list[CLBidsAppError] = []
     inputs = ReportInputs(dataset=raw_description.get("Name"), domain_rule=rule.describe(),
@@ -111,6 +113,10 @@ def run_group_level(settings, items: Sequence, raw_description: dict, *,
     else:
         inputs.frequency_missing = "not requested for this run."
 
+    inputs.ood = ood_block(summaries, group_dir / EVALUATION_TABLE
+                           if settings.reference_masks else None)
+    if inputs.ood and inputs.ood.get("figure"):
+        _save_figure(group_dir, "group_desc-ood_plot.png", inputs.ood["figure"])
     write_images_table(summaries, group_dir)
     inputs.figures["distributions"] = distribution_figure([s.values for s in summaries])
     _save_figure(group_dir, "group_desc-distributions_plot.png",
