@@ -4,7 +4,7 @@ Per evaluated image (inside the evaluation job, :func:`image_lesion_rows`), ever
 lesion and every predicted lesion gets the properties of
 :mod:`cl_bidsapp.core.lesion_properties` (volume, shape, cortical involvement, distance to the
 brain surface, probability) and its outcome (see :mod:`cl_bidsapp.core.lesion_strata`).
-Over images (:func:`write_error_analysis`): the per-lesion table
+Over images (:func:`cl_bidsapp.group.error_report.write_error_analysis`): the per-lesion table
 ``group/group_evaluation_lesions.tsv`` and the detection rate and F1 by lesion-size bin, by
 cortical involvement and by site, ``group/group_evaluation_strata.tsv`` (each with a JSON
 column sidecar), a figure, and the report's error-analysis block.
@@ -29,8 +29,6 @@ touches, so that a lesion found too small still counts where the lesion belongs.
 """
 from __future__ import annotations
 
-import base64
-import io
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,19 +36,13 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from cl_bidsapp.core.lesion_strata import (SIZE_BIN_LABELS, overall_detection, size_bin,
-                                           stratified_detection)
+from cl_bidsapp.core.lesion_strata import size_bin
 
 logger = logging.getLogger(__name__)
 
-LESIONS_TABLE = "group_evaluation_lesions.tsv"
-STRATA_TABLE = "group_evaluation_strata.tsv"
-FIGURE = "group_desc-erroranalysis_plot.png"
 TISSUES = ("GM", "WM", "CSF")
 #: Columns copied from the evaluation row of the image onto each of its lesions.
 IMAGE_COLUMNS = ("bids_name", "participant_id", "session_id", "contrast", "site", "domain")
-_GROUPINGS = (("size_bin", "size", SIZE_BIN_LABELS),
-              ("stratum_involvement", "involvement", None), ("site", "site", None))
 
 
 def stratum_source(touched: Sequence[int], strata: dict) -> int:
@@ -249,131 +241,3 @@ def _float(value) -> float | None:
     except (TypeError, ValueError):
         return None
     return value if np.isfinite(value) else None
-
-
-def write_error_analysis(group_dir: Path, images: Sequence[dict], lesions: Sequence[dict],
-                         notes: Sequence[str] = ()) -> dict[str, Any]:
-    """Write the per-lesion and strata tables and the figure; return the report block.
-
-    Parameters
-    ----------
-    group_dir : Path
-        ``<out>/group``.
-    images : sequence of dict
-        The rows of ``group_evaluation.tsv`` (one per evaluated image).
-    lesions : sequence of dict
-        Every image's :func:`image_lesion_rows`.
-    notes : sequence of str
-        What could not be used (tissue maps on another grid, ...), shown in the report.
-    """
-    from cl_bidsapp.group.records import column_dictionary
-    from cl_bidsapp.group.tables import write_tsv
-
-    group_dir = Path(group_dir)
-    by_image = {r["bids_name"]: r for r in images}
-    rows = [{**{c: by_image.get(row["bids_name"], {}).get(c) for c in IMAGE_COLUMNS}, **row}
-            for row in lesions]
-    dictionary = column_dictionary("group_evaluation_lesions.json")
-    write_tsv(group_dir / LESIONS_TABLE, list(dictionary), rows, dictionary)
-    strata = strata_table(pd.DataFrame(rows, columns=list(dictionary)),
-                          pd.DataFrame([{c: r.get(c) for c in IMAGE_COLUMNS} for r in images],
-                                       columns=list(IMAGE_COLUMNS)))
-    dictionary = column_dictionary("group_evaluation_strata.json")
-    write_tsv(group_dir / STRATA_TABLE, list(dictionary), strata.to_dict("records"),
-              dictionary)
-    png = strata_figure(strata)
-    if png is not None:
-        from cl_bidsapp.io import atomic_path
-
-        with atomic_path(group_dir / "figures" / FIGURE) as tmp:
-            tmp.write_bytes(png)
-    logger.info("Error analysis: %d lesion row(s) in %s", len(rows), group_dir / LESIONS_TABLE)
-    return report_block(strata, png, len(rows), notes)
-
-
-def strata_table(lesions: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
-    """All strata rows: ``all``, then by size bin, cortical involvement and site."""
-    from cl_bidsapp.core.lesion_properties import INVOLVEMENTS
-
-    parts = [overall_detection(lesions, images)]
-    for column, grouping, order in _GROUPINGS:
-        if column == "site" and not images["site"].notna().any():
-            continue
-        if column == "stratum_involvement" and not lesions[column].notna().any():
-            continue
-        if grouping == "involvement":
-            order = INVOLVEMENTS
-        parts.append(stratified_detection(lesions, images, column, grouping, order=order))
-    return pd.concat(parts, ignore_index=True)
-
-
-_TITLES = {"all": "All lesions", "size": "By lesion size (mm³)",
-           "involvement": "By cortical involvement", "site": "By site"}
-
-
-def report_block(strata: pd.DataFrame, png: bytes | None, n_lesions: int,
-                 notes: Sequence[str]) -> dict[str, Any]:
-    """What the report's error-analysis block shows (rows already formatted)."""
-    tables = []
-    for grouping, part in strata.groupby("grouping", sort=False):
-        rows = [{"label": r["group"], "n_images": int(r["n_images"]),
-                 "counts": [int(r[c]) for c in ("n_reference", "detected", "reference_us",
-                                                 "fn", "tp", "us", "fp")],
-                 "detection_rate": _pm(r["detection_rate"], r["detection_rate_se"]),
-                 "recall": _pm(r["recall"]), "precision": _pm(r["precision"]),
-                 "f1": _pm(r["f1"], r["f1_se"])} for _, r in part.iterrows()]
-        tables.append({"title": _TITLES.get(grouping, grouping), "rows": rows})
-    return {"tables": tables, "n_lesions": n_lesions, "notes": list(notes)[:20],
-            "figure": base64.b64encode(png).decode("ascii") if png else None,
-            "files": [LESIONS_TABLE, STRATA_TABLE]}
-
-
-def _pm(value, se=None) -> str:
-    if value is None or not np.isfinite(value):
-        return "n/a"
-    text = f"{value:.2f}"
-    if se is not None and np.isfinite(se):
-        text += f" ± {se:.2f}"
-    return text
-
-
-def strata_figure(strata: pd.DataFrame) -> bytes | None:
-    """Detection rate and F1 (± bootstrap SE) per stratum, one panel per grouping (PNG)."""
-    from matplotlib.figure import Figure
-
-    groupings = [g for g in ("size", "involvement", "site") if (strata["grouping"] == g).any()]
-    if not groupings:
-        return None
-    widths = [max(2, int((strata["grouping"] == g).sum())) for g in groupings]
-    fig = Figure(figsize=(min(3.0 + 1.1 * sum(widths), 13), 3.8), dpi=100, layout="constrained")
-    axes = fig.subplots(1, len(groupings), squeeze=False, sharey=True,
-                        gridspec_kw={"width_ratios": widths})[0]
-    for ax, grouping in zip(axes, groupings):
-        part = strata[strata["grouping"] == grouping]
-        x = np.arange(len(part))
-        for offset, (score, colour) in zip((-0.2, 0.2), (("detection_rate", "#2e86c1"),
-                                                         ("f1", "#c0392b"))):
-            value = part[score].to_numpy(dtype=float)
-            se = part[f"{score}_se"].to_numpy(dtype=float)
-            shown = np.isfinite(value)
-            ax.bar(x[shown] + offset, value[shown], width=0.38, color=colour)
-            bars = shown & np.isfinite(se)
-            ax.errorbar(x[bars] + offset, value[bars], yerr=se[bars], fmt="none",
-                        ecolor="black", elinewidth=0.8, capsize=2)
-            for position in x[~shown]:
-                ax.text(position + offset, 0.02, "n/a", ha="center", fontsize=7, rotation=90)
-        ax.set_xticks(x, [f"{g}\nn={n}" for g, n in zip(part["group"], part["n_reference"])],
-                      fontsize=8)
-        ax.set_title(_TITLES[grouping], fontsize=10)
-        ax.set_ylim(0, 1.05)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].set_ylabel("pooled over images (± SE)")
-    from matplotlib.patches import Patch
-
-    fig.legend(handles=[Patch(color="#2e86c1", label="detection rate"),
-                        Patch(color="#c0392b", label="F1")], loc="outside upper center",
-               ncols=2, fontsize=8, title="n = reference lesions", title_fontsize=8,
-               alignment="left")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()

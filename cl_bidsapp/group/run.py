@@ -26,7 +26,7 @@ import pandas as pd
 from cl_bidsapp.errors import CLBidsAppError, InputDataError, MissingInputError
 from cl_bidsapp.group import evaluate as evaluation
 from cl_bidsapp.group.domain import domain_rule, find_model_card
-from cl_bidsapp.group.error_analysis import write_error_analysis
+from cl_bidsapp.group.error_report import LesionRows, write_error_analysis
 from cl_bidsapp.group.figures import distribution_figure, frequency_figure
 from cl_bidsapp.group.parallel import run_jobs
 from cl_bidsapp.group.ood import ood_block
@@ -144,11 +144,9 @@ def _evaluate(summaries, reference_dir: Path, out: Path, group_dir: Path, nprocs
     inputs.no_reference = len(unmatched)
     by_name = {s.bids_name: s for s in summaries}
     job_of = {j["bids_name"]: j for j in jobs}
-    rows, unusable, lesion_rows, notes = [], [], [], []
+    rows, unusable, lesion_rows = [], [], LesionRows()
     # about a second per image: a worker pays off only over several images
     for result in run_jobs(evaluation.evaluate_image, jobs, nprocs, jobs_per_worker=4):
-        lesion_rows += result.get("lesions") or []
-        notes += result.get("notes") or []
         summary = by_name[result["bids_name"]]
         if result["problem"]:
             summary.flag("reference_unusable", result["problem"])
@@ -162,6 +160,7 @@ def _evaluate(summaries, reference_dir: Path, out: Path, group_dir: Path, nprocs
         row["reference"] = job["reference"]
         row["error_map"] = Path(job["error_map"]).relative_to(out).as_posix()
         rows.append(row)
+        lesion_rows.add(row, result.get("lesions") or [], result.get("notes") or [])
     logger.info("Evaluation: %d image(s) scored, %d without a reference mask, %d unusable",
                 len(rows), len(unmatched), len(unusable))
     write_tsv(group_dir / EVALUATION_TABLE, list(column_dictionary("group_evaluation.json")),
@@ -175,7 +174,7 @@ def _evaluate(summaries, reference_dir: Path, out: Path, group_dir: Path, nprocs
                   list(column_dictionary("group_evaluation_domains.json")),
                   wide.to_dict("records"), column_dictionary("group_evaluation_domains.json"))
         inputs.evaluation_wide = wide
-        inputs.error_analysis = write_error_analysis(group_dir, rows, lesion_rows, notes)
+        inputs.error_analysis = write_error_analysis(group_dir, rows, lesion_rows)
     inputs.evaluation_problems = unusable[:20] + (
         [f"… and {len(unusable) - 20} more"] if len(unusable) > 20 else [])
     if unusable:
