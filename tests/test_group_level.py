@@ -153,8 +153,10 @@ def test_the_frequency_map_is_a_fraction_of_images_inside_the_template_brain(
 def test_the_report_is_self_contained_and_shows_everything(finished):
     settings, _, _ = finished
     html = (settings.output_dir / "group" / "group_report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2
+    # distributions, error analysis, frequency map
+    assert html.count("data:image/png;base64,") == 3
     assert "Evaluation against reference masks" in html and "out-of-domain" in html
+    assert "Error analysis: which lesions are found" in html
     assert "<script" not in html and "src=\"http" not in html
 
 
