@@ -290,3 +290,22 @@ def test_without_participant_extras_the_rows_are_still_written(case):
     assert rows["involvement"].isna().all() and rows["prob_max"].isna().all()
     assert rows["surface_distance_mm"].isna().all() and rows["name"].isna().all()
     assert rows.loc["reference", "size_bin"].tolist() == ["10-30", "<10", "<10"]
+
+
+def test_images_without_any_lesion_still_give_the_tables(tmp_path):
+    from cl_bidsapp.group.error_report import LesionRows, write_error_analysis
+
+    images = [{"bids_name": "sub-01_T1w", "site": "A"}, {"bids_name": "sub-02_T1w", "site": "B"}]
+    rows = LesionRows()
+    for image in images:
+        rows.add(image, [])
+    block = write_error_analysis(tmp_path, images, rows)
+    lesions = pd.read_csv(tmp_path / "group_evaluation_lesions.tsv", sep="\t")
+    strata = pd.read_csv(tmp_path / "group_evaluation_strata.tsv", sep="\t",
+                         keep_default_na=False, na_values=["n/a"])
+    assert len(lesions) == 0 and list(lesions.columns) == rows.columns
+    # nothing to count: zero counts, scores n/a (not the per-image convention of 1)
+    assert strata["grouping"].tolist() == ["all", "site", "site"]
+    assert (strata["n_reference"] == 0).all() and strata["f1"].isna().all()
+    assert block["n_lesions"] == 0 and [t["title"] for t in block["tables"]] == [
+        "All lesions", "By site"]
