@@ -98,8 +98,8 @@ class BottleneckCapture:
             return
         self._armed = False            # mirrored passes of the same tile are not recorded
         out = output[-1] if isinstance(output, (list, tuple)) else output
-        pooled = out.detach().float().mean(dim=tuple(range(2, out.ndim)))[0]
-        self._features[self._tile] = pooled.cpu().numpy().astype(np.float64)
+        # stays on the device: a copy to the CPU here would stall the GPU at every tile
+        self._features[self._tile] = out.detach().float().mean(dim=tuple(range(2, out.ndim)))[0]
 
     @contextlib.contextmanager
     def attached(self, predictor):
@@ -158,7 +158,10 @@ class BottleneckCapture:
             raise RuntimeError(f"the bottleneck hook saw {len(self._features)} of "
                                f"{len(self.slicers)} tiles")
         chosen, rule = self.tile_selection()
-        stack = np.stack([self._features[i] for i in range(len(self.slicers))])
+        import torch
+
+        stack = torch.stack([self._features[i] for i in range(len(self.slicers))])
+        stack = stack.cpu().numpy().astype(np.float64)
         vector = stack[chosen].mean(axis=0)
         return vector, {"Layer": LAYER, "Pooling": POOLING, "TileRule": rule,
                         "TilesUsed": int(chosen.sum()), "TilesTotal": len(self.slicers)}
