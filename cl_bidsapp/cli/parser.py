@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nprocs", "--nthreads", "--n_cpus", dest="nprocs", type=_positive_int,
                    metavar="N", help="maximum number of parallel processes (default: all CPUs)")
     g.add_argument("--omp-nthreads", type=_positive_int, metavar="N",
-                   help="threads per process (torch, ITK)")
+                   help="threads per process (torch, ITK); default: --nprocs shared by the "
+                        "images (all for one image, 1 each when there are --nprocs or more)")
     g.add_argument("--mem", "--mem-mb", "--mem_mb", dest="mem", metavar="MEM",
                    help="memory limit, e.g. 16GB (a bare number means MB)")
     g.add_argument("--use-plugin", type=Path, metavar="FILE",

@@ -70,16 +70,18 @@ def find_precomputed_masks(items: list[WorkItem], derivatives: dict[str, Path]) 
     return found
 
 
-def _default_threads(settings) -> tuple[int, int]:
+def _default_threads(settings, n_images: int = 1) -> tuple[int, int]:
+    from cl_bidsapp.workflows.multiproc import batch_threads
+
     nprocs = settings.nprocs or os.cpu_count() or 1
-    omp = settings.omp_nthreads or nprocs
+    omp = settings.omp_nthreads or batch_threads(nprocs, n_images)
     return nprocs, min(omp, nprocs)
 
 
 def build_options(settings, items, model, device: str, raw_description: dict):
     from cl_bidsapp.workflows.base import ParticipantOptions
 
-    nprocs, omp = _default_threads(settings)
+    nprocs, omp = _default_threads(settings, len(items))
     extra: dict[str, list[str]] = {}
     warnings_all = []
     if model.is_demo and not is_phantom_dataset(raw_description):
@@ -294,7 +296,7 @@ def run_participant(settings, items: list[WorkItem], raw_description: dict) -> l
     from cl_bidsapp.workflows.base import init_cl_wf
 
     work_dir = settings.effective_work_dir()
-    _, omp = _default_threads(settings)
+    _, omp = _default_threads(settings, len(items))
     prepare_environment(work_dir, omp)
     model = resolve_model(settings.model, settings.models_dir)
     check_free_space(work_dir, len(items), "work folder")

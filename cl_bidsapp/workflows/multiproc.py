@@ -5,6 +5,12 @@ task running in it fails with ``BrokenProcessPool``; Nipype 1.11 then waits fore
 results that never come. Here, a task lost that way is retried once in a fresh pool: tasks that
 merely shared the pool with the culprit finish normally, and a task that dies twice is reported
 as failed (with a message saying a worker was killed), so the other subjects' work is kept.
+
+Ready jobs are started deepest first (furthest from the graph's inputs; ties in graph order),
+so each image runs through to its segmentation and derivatives while the next image is being
+prepared: preprocessing overlaps inference (a GPU is fed as soon as an input is ready) and
+finished subjects appear early, instead of every image's preprocessing running before any
+image is segmented.
 """
 from __future__ import annotations
 
@@ -21,6 +27,37 @@ KILLED_MESSAGE = ("MemoryError: a worker process was killed while running this s
                   "almost always because the machine ran out of memory")
 
 
+def batch_threads(nprocs: int, n_images: int) -> int:
+    """Threads per node when the user gave no ``--omp-nthreads``.
+
+    One image: every node may use all processors (its stages run one after the other). A
+    batch: one thread per node, so that ``nprocs`` nodes run side by side; two single-thread
+    processes get more done than one process with two threads (PyTorch and deepbet scale
+    less than linearly, and the NumPy stages use one core), and the CPU-only stages of one
+    image overlap the network of another.
+
+    >>> batch_threads(2, 1), batch_threads(2, 10), batch_threads(16, 4), batch_threads(16, 40)
+    (2, 1, 4, 1)
+    """
+    return max(1, int(nprocs) // max(1, min(int(n_images), int(nprocs))))
+
+
+def job_depths(graph, nodes) -> list[int]:
+    """Longest path (in nodes) from any input of ``graph`` to each of ``nodes``.
+
+    >>> import networkx as nx
+    >>> g = nx.DiGraph([("prepare", "strip"), ("strip", "segment"), ("prepare", "segment")])
+    >>> job_depths(g, ["prepare", "strip", "segment"])
+    [1, 2, 3]
+    """
+    import networkx as nx
+
+    depth: dict = {}
+    for node in nx.topological_sort(graph):
+        depth[node] = 1 + max((depth[p] for p in graph.predecessors(node)), default=0)
+    return [depth[node] for node in nodes]
+
+
 class ResilientMultiProcPlugin(MultiProcPlugin):
     """MultiProc that retries, once, tasks lost to a broken process pool."""
 
@@ -30,6 +67,16 @@ class ResilientMultiProcPlugin(MultiProcPlugin):
         self._lost: set[int] = set()
         self._retried: set[int] = set()
         self._future_task: dict[int, int] = {}
+        self._depth: list[int] = []
+
+    def _generate_dependency_list(self, graph):
+        super()._generate_dependency_list(graph)
+        self._depth = job_depths(graph, self.procs)
+
+    def _sort_jobs(self, jobids, scheduler="tsort"):
+        if scheduler == "mem_thread" or len(self._depth) != len(self.procs):
+            return super()._sort_jobs(jobids, scheduler=scheduler)
+        return sorted(jobids, key=lambda job: (-self._depth[job], job))
 
     def _new_pool(self) -> None:
         context = mp.get_context(self.plugin_args.get("mp_context"))
