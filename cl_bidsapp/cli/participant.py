@@ -302,6 +302,7 @@ def run_participant(settings, items: list[WorkItem], raw_description: dict) -> l
     check_free_space(work_dir, len(items), "work folder")
     check_free_space(settings.output_dir, len(items), "output folder")
     unusable = [Failure(it, it.problem, int(ExitCode.DATA_ERROR)) for it in items if it.problem]
+    subjects = sorted({it.subject for it in items})
     items = [it for it in items if not it.problem]
     remove_stale_temporaries(settings.output_dir, {it.subject for it in items})
     LOGGER.info("Model: %s %s (sha256 %s…)%s", model.name, model.version, model.sha256[:12],
@@ -312,7 +313,7 @@ def run_participant(settings, items: list[WorkItem], raw_description: dict) -> l
     opts = build_options(settings, items, model, device, raw_description)
 
     write_dataset_files(settings.output_dir, raw_description, settings.bids_dir)
-    for subject in sorted({it.subject for it in items}):
+    for subject in subjects:
         save_settings(settings, subject_log_dir(settings.output_dir, subject, settings.run_id))
 
     if not items:
