@@ -149,7 +149,7 @@ class BottleneckCapture:
             return self.brain
         # the same padding nnU-Net applies to the image before slicing it into tiles
         padded = pad_nd_image(self.brain[None].astype(np.uint8), self.padded_shape, "constant",
-                              {"value": 0}, False, None)
+                              {"constant_values": 0}, False, None)
         return padded[0].astype(bool)
 
     def embedding(self) -> tuple[np.ndarray, dict[str, Any]]:
