@@ -35,11 +35,12 @@ import numpy as np
 log = logging.getLogger("bench_predictor")
 
 
-def realistic_model(dest: Path) -> Path:
+def realistic_model(dest: Path, folds=(0,)) -> Path:
     """Random-weight model with the seed's plans (1 mm, 112x128x160, 32..320 features)."""
     from cl_bidsapp.models.testing import make_tiny_model
 
-    return make_tiny_model(dest, name="realistic-random", spacing=(1.0, 1.0, 1.0),
+    return make_tiny_model(dest, name="realistic-random", folds=tuple(folds),
+                           spacing=(1.0, 1.0, 1.0),
                            patch=(112, 128, 160), features=(32, 64, 128, 256, 320, 320),
                            strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2],
                                     [1, 2, 2]], is_demo=False)
