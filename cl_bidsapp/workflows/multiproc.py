@@ -2,9 +2,10 @@
 
 When the kernel kills one worker process, Python marks the whole process pool broken and every
 task running in it fails with ``BrokenProcessPool``; Nipype 1.11 then waits forever for
-results that never come. Here, a task lost that way is retried once in a fresh pool: tasks that
-merely shared the pool with the culprit finish normally, and a task that dies twice is reported
-as failed (with a message saying a worker was killed), so the other subjects' work is kept.
+results that never come. Here, a task lost that way is retried once, alone in a one-worker
+pool of its own: tasks that merely shared the pool with the culprit finish normally (a second
+death can only be the culprit's), and a task that dies twice is reported as failed (with a
+message saying a worker was killed), so the other subjects' work is kept.
 
 Ready jobs are started deepest first (furthest from the graph's inputs; ties in graph order),
 so each image runs through to its segmentation and derivatives while the next image is being
@@ -84,13 +85,20 @@ class ResilientMultiProcPlugin(MultiProcPlugin):
                                         initializer=process_initializer,
                                         initargs=(self._cwd,), mp_context=context)
 
-    def _submit(self, node, updatehash, taskid) -> None:
+    def _submit(self, node, updatehash, taskid, isolated: bool = False) -> None:
         from nipype.pipeline.plugins.multiproc import run_node
 
-        if getattr(self.pool, "_broken", False):
-            LOGGER.warning("a worker process died; starting a fresh process pool")
-            self._new_pool()
-        future = self.pool.submit(run_node, node, updatehash, taskid)
+        if isolated:  # a retry runs alone: if it dies again, it takes no other task with it
+            context = mp.get_context(self.plugin_args.get("mp_context"))
+            pool = ProcessPoolExecutor(max_workers=1, initializer=process_initializer,
+                                       initargs=(self._cwd,), mp_context=context)
+            future = pool.submit(run_node, node, updatehash, taskid)
+            future.add_done_callback(lambda _: pool.shutdown(wait=False))
+        else:
+            if getattr(self.pool, "_broken", False):
+                LOGGER.warning("a worker process died; starting a fresh process pool")
+                self._new_pool()
+            future = self.pool.submit(run_node, node, updatehash, taskid)
         self._future_task[id(future)] = taskid
         future.add_done_callback(self._async_callback)
         self._task_obj[taskid] = future
@@ -117,9 +125,9 @@ class ResilientMultiProcPlugin(MultiProcPlugin):
             node, updatehash = self._task_node[taskid]
             if taskid not in self._retried:
                 self._retried.add(taskid)
-                LOGGER.warning("%s was lost with a dead worker process; retrying it once",
-                               node.fullname)
-                self._submit(node, updatehash, taskid)
+                LOGGER.warning("%s was lost with a dead worker process; retrying it once, "
+                               "alone in a fresh process", node.fullname)
+                self._submit(node, updatehash, taskid, isolated=True)
                 return None
             return {"taskid": taskid, "result": None, "traceback": [KILLED_MESSAGE]}
         return self._taskresult.get(taskid)
