@@ -18,15 +18,9 @@ NNUNET_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
 def _writable(path: str | None) -> bool:
     """True when the user set ``path`` and it can be written (we never create it)."""
-    if not path or not Path(path).is_dir():
-        return False
-    try:
-        probe = Path(path) / f".cl-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-        return True
-    except OSError:
-        return False
+    # access(2) also answers "no" on a read-only mount (EROFS); nothing is written to find out:
+    # a run writes only to its output and work folders.
+    return bool(path) and Path(path).is_dir() and os.access(path, os.W_OK | os.X_OK)
 
 
 def prepare_environment(work_dir: Path, omp_nthreads: int | None = None) -> dict[str, str]:
