@@ -24,7 +24,7 @@ def test_demo_model_is_the_default_small_and_says_what_it_is():
     size = sum(p.stat().st_size for p in model.path.rglob("*") if p.is_file())
     assert size < 10 * 1024**2, f"demo model is {size / 1024**2:.1f} MiB"
     training = model.card["training"]
-    assert training["simulator"]["seed"] is not None and training["schedule"]["epochs"] > 0
+    assert training["simulator"]["seed"] is not None and training["schedule"]["iterations"] > 0
 
 
 @needs_demo
@@ -49,8 +49,11 @@ def test_demo_model_finds_lesions_in_a_held_out_phantom(tmp_path):
                                  model.recommended_min_size_voxels)
     detection = lesion_detection(instances > 0, truth)
     assert detection.n_reference >= 3, "precondition: the phantom has lesions"
-    assert detection.recall >= 0.5 and detection.precision >= 0.5, detection.scores()
-    assert probability[~brain].max() == 0.0  # nothing outside the brain
+    # random weights find ~nothing; the demo model finds about half of the lesions at 2 mm
+    # without TTA (docs/models.md has its F1 table)
+    assert detection.tp >= 3 and detection.f1 >= 0.4, detection.scores()
+    assert instances[~brain].max() == 0  # no lesion outside the brain
+    assert probability[~brain].max() < model.recommended_threshold
 
 
 def test_warning_only_for_demo_models_on_data_that_are_not_phantoms(tmp_path, caplog):
