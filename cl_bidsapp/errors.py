@@ -4,7 +4,7 @@ Every module raises one of these (never ``sys.exit``); the command line turns th
 one-paragraph message and the exit code, without a traceback.
 
 >>> err = InputDataError("image has NaN voxels", path="sub-01_T1w.nii.gz")
->>> err.exit_code
+>>> int(err.exit_code)
 65
 >>> str(err)
 'sub-01_T1w.nii.gz: image has NaN voxels'

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from cl_bidsapp.cli.environment import CACHE_VARIABLES, NNUNET_VARIABLES, prepare_environment
@@ -9,9 +10,13 @@ from cl_bidsapp.models.registry import ENV_MODELS_DIR, default_models_dir
 
 
 def _isolate(monkeypatch, home: Path) -> None:
+    # prepare_environment changes the process's environment and tempfile's cached folder; put
+    # both back afterwards, or later tests in this worker write into this test's work folder
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
     for name in (*CACHE_VARIABLES, *NNUNET_VARIABLES, "TMPDIR", ENV_MODELS_DIR,
                  "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "LOGNAME"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # records the original (also "unset") for the undo
+        monkeypatch.delenv(name)
     monkeypatch.setenv("HOME", str(home))
 
 

@@ -330,7 +330,8 @@ def test_writes_only_to_output_and_work_and_opens_no_socket(small, tiny_model, t
     env = {"PYTHONPATH": str(hooks), "CL_AUDIT_LOG": str(log),
            "CL_AUDIT_ALLOWED": os.pathsep.join(allowed), "HOME": str(home),
            "PYTHONDONTWRITEBYTECODE": "1"}
-    env.pop("TMPDIR", None)
+    # a TMPDIR the CI runner set would be respected (and written): point it into the work dir
+    env["TMPDIR"] = str(work / "tmp")
     before = checksum_tree(small)
     proc = run_app(small, out, "participant", "-w", work, "--model", tiny_model,
                    "--skip-bids-validation", *FAST, env=env, cwd=cwd)
