@@ -46,3 +46,17 @@ def test_training_checkpoints_and_resumes(tmp_path):
     assert resumed["iteration"] == 6
     assert not all(torch.equal(resumed["network_weights"][k], state["network_weights"][k])
                    for k in state["network_weights"])
+
+
+def test_lesion_patches_visit_small_lesions_as_often_as_large_ones():
+    # one 1-voxel lesion and one 512-voxel lesion: voxel-weighted sampling would almost never
+    # centre a patch on the small one
+    image = np.ones((40, 40, 40), np.float32)
+    lesion = np.zeros(image.shape, bool)
+    lesion[5, 5, 5] = True
+    lesion[22:30, 22:30, 22:30] = True
+    sampler = PatchSampler([(image, lesion)], 8, 1.0, np.random.default_rng(3))
+    x, y = sampler.batch(200)
+    # with a jitter of at most 2 voxels, a patch holding voxel (5, 5, 5) cannot reach the cube
+    small = sum(1 for patch in y[:, 0] if 0 < patch.sum() <= 1)
+    assert 60 <= small <= 140

@@ -5,8 +5,10 @@ CPU on spatial data augmentation and needs far more iterations (SGD, 1000 epochs
 can afford. This loop keeps what matters for a faithful nnU-Net model: the network planned in
 ``plans.json``, nnU-Net's preprocessed arrays (cropping, z-score within the brain) as input,
 and nnU-Net's Dice + cross-entropy loss; it changes the optimiser (AdamW with nnU-Net's
-polynomial decay), samples a share of patches around lesions, and augments with flips (the
-axes test-time augmentation mirrors) and intensity jitter only.
+polynomial decay), samples a share of patches around lesions (each lesion equally likely,
+whatever its size: most cortical lesions are a few voxels, and voxel-weighted sampling would
+show the network mostly the few large ones), and augments with flips (the axes test-time
+augmentation mirrors) and intensity jitter only.
 
 >>> import numpy as np
 >>> image = np.zeros((20, 20, 20), np.float32); image[4:16, 4:16, 4:16] = 1
@@ -42,6 +44,25 @@ def load_preprocessed_cases(folder: str | Path) -> list[tuple[np.ndarray, np.nda
     return cases
 
 
+def lesion_voxels(seg: np.ndarray) -> list[np.ndarray]:
+    """The voxel coordinates of each lesion (26-connected component) of a mask.
+
+    >>> seg = np.zeros((6, 6, 6), bool); seg[0, 0, :3] = True; seg[5, 5, 5] = True
+    >>> [len(v) for v in lesion_voxels(seg)]
+    [3, 1]
+    """
+    from scipy import ndimage
+
+    labels, n = ndimage.label(seg, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return []
+    order = np.argsort(labels, axis=None, kind="stable")
+    flat = labels.ravel()[order]
+    starts = np.searchsorted(flat, np.arange(1, n + 2))
+    coords = np.column_stack(np.unravel_index(order, seg.shape))
+    return [coords[starts[k]:starts[k + 1]] for k in range(n)]
+
+
 class PatchSampler:
     """Cubic patches, a share of them centred near a lesion, flipped and intensity-jittered.
 
@@ -51,7 +72,7 @@ class PatchSampler:
 
     def __init__(self, cases, patch: int, lesion_fraction: float, rng: np.random.Generator):
         self.cases, self.patch, self.lesion_fraction, self.rng = cases, patch, lesion_fraction, rng
-        self.lesions = [np.argwhere(seg) for _, seg in cases]
+        self.lesions = [lesion_voxels(seg) for _, seg in cases]
         self.brain = [np.argwhere(image != 0)[::37] for image, _ in cases]
 
     def _crop(self, array: np.ndarray, centre) -> np.ndarray:
@@ -72,7 +93,8 @@ class PatchSampler:
             image, seg = self.cases[i]
             if rng.random() < self.lesion_fraction and len(self.lesions[i]):
                 jitter = rng.integers(-self.patch // 4, self.patch // 4 + 1, 3)
-                centre = self.lesions[i][rng.integers(len(self.lesions[i]))] + jitter
+                voxels = self.lesions[i][rng.integers(len(self.lesions[i]))]
+                centre = voxels[rng.integers(len(voxels))] + jitter
             elif len(self.brain[i]):
                 centre = self.brain[i][rng.integers(len(self.brain[i]))]
             else:
