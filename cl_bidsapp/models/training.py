@@ -51,9 +51,9 @@ def lesion_voxels(seg: np.ndarray) -> list[np.ndarray]:
     >>> [len(v) for v in lesion_voxels(seg)]
     [3, 1]
     """
-    from scipy import ndimage
+    from cl_bidsapp.core.components import label_components
 
-    labels, n = ndimage.label(seg, structure=np.ones((3, 3, 3), bool))
+    labels, n = label_components(seg)
     if n == 0:
         return []
     order = np.argsort(labels, axis=None, kind="stable")
