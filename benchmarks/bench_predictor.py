@@ -7,7 +7,8 @@ Prints, per setting, the median wall time of:
   probabilities returned (nnU-Net's fastest in-process path);
 * ``nnunet-file``: ``predict_from_files_sequential`` writing segmentation + probabilities;
 
-and the ratio wrapper / nnunet-array (target <= 1.1).
+and the ratio wrapper / nnunet-array (target <= 1.1). The three run in turn within each
+repeat, so load from other jobs falls on all of them alike.
 
 Examples::
 
@@ -68,13 +69,16 @@ def phantom(voxel_size: float, seed: int = 123) -> nib.Nifti1Image:
     return nib.Nifti1Image(data, nib.load(uni).affine)
 
 
-def time_it(fn, repeats: int) -> float:
-    times = []
+def time_interleaved(fns: dict, repeats: int) -> dict:
+    """Median wall time of each function, run in turn within every repeat (round robin), so
+    that load from other jobs on a shared machine falls on all of them alike."""
+    times: dict = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench(model, image: nib.Nifti1Image, device: str, tta: bool, folds, repeats: int,
@@ -110,10 +114,10 @@ def bench(model, image: nib.Nifti1Image, device: str, tta: bool, folds, repeats:
                                                  save_probabilities=True)
 
     run_ours()  # warm-up: cuDNN autotuning, lazy imports, caches
-    result = {"wrapper": time_it(run_ours, repeats),
-              "nnunet-array": time_it(run_theirs_array, repeats)}
+    fns = {"wrapper": run_ours, "nnunet-array": run_theirs_array}
     if with_file:
-        result["nnunet-file"] = time_it(run_theirs_file, repeats)
+        fns["nnunet-file"] = run_theirs_file
+    result = time_interleaved(fns, repeats)
     result["ratio"] = result["wrapper"] / result["nnunet-array"]
     result["device"] = str(ours.device) + (f" ({torch.cuda.get_device_name()})"
                                            if ours.device.type == "cuda" else "")
