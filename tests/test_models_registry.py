@@ -41,6 +41,17 @@ def test_folder_path_gives_a_verified_model_with_the_card_fields(tiny_folder):
     assert model.provenance()["SHA256"] == model.sha256
 
 
+def test_a_relative_model_path_is_kept_absolute_for_the_workflow_nodes(tiny_folder, tmp_path,
+                                                                      monkeypatch):
+    """``--model ./my-model`` must still point at the model from a node's own folder."""
+    shutil.copytree(tiny_folder, tmp_path / "models" / "my-model")
+    monkeypatch.chdir(tmp_path)
+    model = resolve_model("models/my-model")
+    monkeypatch.chdir(tmp_path / "models")               # a node runs somewhere else
+    assert model.path.is_absolute() and model.path == tmp_path / "models" / "my-model"
+    assert resolve_model(str(model.path)).sha256 == model.sha256
+
+
 def test_name_is_found_in_the_models_dir_and_env_variable(tiny_folder, tmp_path, monkeypatch):
     shutil.copytree(tiny_folder, tmp_path / "cache" / "my-model")
     assert resolve_model("my-model", tmp_path / "cache").path == tmp_path / "cache" / "my-model"

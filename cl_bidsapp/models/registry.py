@@ -166,7 +166,9 @@ def load_model(path: str | Path, name: str | None = None, source: str = "path",
         Card missing or invalid, a file missing or with a wrong sha256, more than one input
         channel, unexpected labels, or a configuration that plans.json lacks (exit 65).
     """
-    path = Path(path)
+    # absolute: the workflow's nodes run in folders of their own, where a relative path
+    # given on the command line (--model ./my-model) would point nowhere
+    path = Path(path).absolute()
     card, raw = cards.load_card(path)
     if verify:
         cards.verify_files(path, card)
