@@ -1,4 +1,4 @@
-"""Cost of the bottleneck embedding (OOD score) during prediction, in one process.
+"""Cost of the encoder embedding (OOD score) during prediction, in one process.
 
 Runs ``CLPredictor.predict`` on the same image with the embedding hook on and off, alternating
 (so load on a shared machine hits both alike), and prints the median wall times and their
@@ -13,10 +13,13 @@ Examples::
 ``--auc N`` instead checks the score on phantoms: a reference from ``--n-train`` 3T MP2RAGE
 phantoms (or the BIDS phantoms of ``--train-bids``), a threshold from ``--n-held-out`` more
 (another seed), then N phantoms of each protocol (3T MP2RAGE in-domain; 7T MP2RAGE and 3T
-MPRAGE out-of-domain) are scored; prints the ROC AUC and writes ``--figure``::
+MPRAGE out-of-domain) are scored; prints the ROC AUC (overall, and of each encoder stage's
+distance alone) and writes ``--figure``. ``--use-card`` scores them against the reference and
+threshold the model card ships with instead, and runs the phantoms through the app's
+participant level (its brain extraction), as the card's reference was made: what users get::
 
-    python benchmarks/bench_ood.py --model cl-demo-phantom --auc 6 \\
-        --train-bids /tmp/demo-train/phantoms --figure docs/figures/ood_phantoms.png
+    python benchmarks/bench_ood.py --model cl-demo-phantom --auc 12 --use-card \\
+        --figure docs/figures/ood_phantoms.png
 """
 from __future__ import annotations
 
@@ -42,14 +45,18 @@ def phantom_input(folder: Path, voxel_size: float) -> nib.Nifti1Image:
     return nib.Nifti1Image(data, nib.load(uni).affine)
 
 
-def masked_inputs(bids: Path, out: Path) -> list[tuple[Path, str]]:
-    """(image x true brain mask, protocol) for every phantom scan: the model input."""
+def subject_protocols(bids: Path) -> dict[str, str]:
+    """participant_id -> protocol, from a phantom dataset's participants.tsv."""
     import csv
 
-    protocols = {}
     with open(bids / "participants.tsv", newline="") as fh:
-        for row in csv.DictReader(fh, delimiter="\t"):
-            protocols[row["participant_id"]] = row.get("protocol", "?")
+        return {row["participant_id"]: row.get("protocol", "?")
+                for row in csv.DictReader(fh, delimiter="\t")}
+
+
+def masked_inputs(bids: Path, out: Path) -> list[tuple[Path, str]]:
+    """(image x true brain mask, protocol) for every phantom scan: the model input."""
+    protocols = subject_protocols(bids)
     out.mkdir(parents=True, exist_ok=True)
     found = []
     for image in sorted(bids.glob("sub-*/**/anat/*.nii.gz")):
@@ -67,40 +74,66 @@ def masked_inputs(bids: Path, out: Path) -> list[tuple[Path, str]]:
 
 
 def auc_check(args, model, tmp: Path) -> int:
-    from cl_bidsapp.core.ood import mahalanobis, roc_auc
+    from cl_bidsapp.core.ood import block_distances, ood_score, roc_auc
     from cl_bidsapp.models.calibration import build_reference, embed_images
     from cl_bidsapp.simulate import simulate_dataset
 
     t0 = time.perf_counter()
-    train_bids = args.train_bids or simulate_dataset(
-        tmp / "train", args.n_train, voxel_size=args.voxel_size, seed=501)
-    held_bids = simulate_dataset(tmp / "held", args.n_held_out, voxel_size=args.voxel_size,
-                                 seed=9001)
     test_bids = simulate_dataset(tmp / "test", 3 * args.auc, voxel_size=args.voxel_size,
                                  protocols=("3T-MP2RAGE", "7T-MP2RAGE", "3T-MPRAGE"),
-                                 seed=9101)
-    train = masked_inputs(Path(train_bids), tmp / "m-train")
-    held = masked_inputs(held_bids, tmp / "m-held")
-    test = masked_inputs(test_bids, tmp / "m-test")
-    x_train, _ = embed_images(model, [p for p, _ in train], threads=args.threads)
-    x_held, _ = embed_images(model, [p for p, _ in held], threads=args.threads)
-    x_test, _ = embed_images(model, [p for p, _ in test], threads=args.threads)
-    ref = build_reference(x_train, x_held)
-    scores = mahalanobis(ref, x_test)
+                                 seed=args.seed)
+    if args.use_card:
+        # the card's reference comes from the app's own preprocessing (calibrate), so the
+        # scored phantoms go through the app's participant level too
+        from cl_bidsapp.models.calibration import collect_embeddings
+
+        x_test, names, info = collect_embeddings(
+            model, Path(test_bids), work_dir=tmp / "app",
+            app_args=["--nprocs", str(args.threads), "--skip-bids-validation"])
+        protocol_of = subject_protocols(Path(test_bids))
+        test = [(name, protocol_of.get(name.split("_")[0], "?")) for name in names]
+    else:
+        test = masked_inputs(test_bids, tmp / "m-test")
+        x_test, info = embed_images(model, [p for p, _ in test], threads=args.threads)
+    if args.use_card:
+        ref = model.card.get("ood")
+        if not ref:
+            raise SystemExit(f"model {model.name} has no ood reference in its card")
+        if ref.get("checkpoint_sha256") != info.get("CheckpointSHA256") or "blocks" not in ref:
+            raise SystemExit(f"model {model.name}: the card's reference was made from other "
+                             "features (another fold, network or cl-bidsapp version); "
+                             "calibrate it again")
+        x_held = None
+        source = (f"the card's reference ({ref['n_scans']} scans, threshold "
+                  f"{ref['threshold']:.2f} from {ref.get('n_held_out', 0)} held-out scans)")
+    else:
+        train_bids = args.train_bids or simulate_dataset(
+            tmp / "train", args.n_train, voxel_size=args.voxel_size, seed=501)
+        held_bids = simulate_dataset(tmp / "held", args.n_held_out,
+                                     voxel_size=args.voxel_size, seed=9001)
+        train = masked_inputs(Path(train_bids), tmp / "m-train")
+        held = masked_inputs(held_bids, tmp / "m-held")
+        x_train, _ = embed_images(model, [p for p, _ in train], threads=args.threads)
+        x_held, _ = embed_images(model, [p for p, _ in held], threads=args.threads)
+        ref = build_reference(x_train, x_held, blocks=info.get("Blocks"))
+        source = (f"a reference of {len(train)} 3T-MP2RAGE scans, threshold "
+                  f"{ref['threshold']:.2f} from {len(held)} held-out scans")
+    scores = ood_score(ref, x_test)
     protocols = [p for _, p in test]
     out_domain = [p != "3T-MP2RAGE" for p in protocols]
     auc = roc_auc(scores, out_domain)
-    print(f"model {model.name}: reference of {len(train)} 3T-MP2RAGE scans, threshold "
-          f"{ref['threshold']:.2f} from {len(held)} held-out scans "
-          f"({time.perf_counter() - t0:.0f} s)")
+    print(f"model {model.name}: {source} ({time.perf_counter() - t0:.0f} s)")
     for name in sorted(set(protocols)):
         x = scores[[p == name for p in protocols]]
-        print(f"  {name:11s} n={len(x)} scores {', '.join(f'{v:.1f}' for v in sorted(x))}; "
+        print(f"  {name:11s} n={len(x)} scores {', '.join(f'{v:.2f}' for v in sorted(x))}; "
               f"{int((x > ref['threshold']).sum())} above the threshold")
     for name in ("7T-MP2RAGE", "3T-MPRAGE"):
         keep = [p in ("3T-MP2RAGE", name) for p in protocols]
         print(f"  ROC AUC 3T-MP2RAGE vs {name}: "
               f"{roc_auc(scores[keep], [p == name for p, k in zip(protocols, keep) if k]):.3f}")
+    per_block = block_distances(ref, x_test)
+    for i, block in enumerate(ref.get("blocks", [{"name": "all"}])):
+        print(f"  stage {block['name']:8s} alone: ROC AUC {roc_auc(per_block[:, i], out_domain):.3f}")
     print(f"ROC AUC in-domain vs out-of-domain: {auc:.3f}")
     if args.figure:
         from matplotlib.figure import Figure
@@ -109,16 +142,19 @@ def auc_check(args, model, tmp: Path) -> int:
         ax = fig.subplots()
         names = ["3T-MP2RAGE", "7T-MP2RAGE", "3T-MPRAGE"]
         rng = np.random.default_rng(0)
-        ax.scatter(np.zeros(len(x_held)) - 0.35 + rng.uniform(-.05, .05, len(x_held)),
-                   mahalanobis(ref, x_held), s=16, c="#9ecae1", label="held-out (threshold)")
+        calibration = (ood_score(ref, x_held) if x_held is not None
+                       else np.asarray(ref.get("calibration_scores", []), float))
+        ax.scatter(np.zeros(len(calibration)) - 0.35 + rng.uniform(-.05, .05, len(calibration)),
+                   calibration, s=16, c="#9ecae1", label="held-out (threshold)")
         for i, name in enumerate(names):
             y = scores[[p == name for p in protocols]]
             ax.scatter(i + rng.uniform(-.12, .12, len(y)), y, s=16,
                        c="#1f77b4" if i == 0 else "#d62728")
         ax.axhline(ref["threshold"], color="k", ls="--", lw=1)
+        ax.set_yscale("log")
         ax.set_xticks(range(3), [f"{n}\n({'in' if i == 0 else 'out of'} domain)"
                                  for i, n in enumerate(names)], fontsize=8)
-        ax.set_ylabel("OOD score (Mahalanobis distance)")
+        ax.set_ylabel("OOD score (1 = typical in-domain scan)")
         ax.set_title(f"{model.name}: ROC AUC {auc:.2f}; dashed: threshold", fontsize=9)
         ax.legend(fontsize=7, loc="upper left")
         fig.savefig(args.figure, format="png", dpi=100)
@@ -142,6 +178,12 @@ def main(argv=None) -> int:
     p.add_argument("--n-held-out", type=int, default=6)
     p.add_argument("--train-bids", type=Path, default=None)
     p.add_argument("--figure", type=Path, default=None)
+    p.add_argument("--seed", type=int, default=9101,
+                   help="simulation seed of the scored phantoms")
+    p.add_argument("--use-card", action="store_true",
+                   help="score against the reference and threshold in the model's card "
+                        "instead of building one from --n-train/--n-held-out phantoms; the "
+                        "phantoms go through the app's participant level")
     args = p.parse_args(argv)
 
     from cl_bidsapp.models.predictor import CLPredictor

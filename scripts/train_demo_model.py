@@ -17,9 +17,10 @@ Steps, all on the CPU:
    (``write_card``) that records every setting, seed and timing;
 6. choose the card's threshold and minimum lesion size on ``--n-val`` validation phantoms
    simulated with another seed;
-7. store the out-of-distribution reference in the card: bottleneck embeddings of the
-   training scans (mean, shrunk covariance) and a threshold from the validation phantoms'
-   distances (docs/ood.md).
+7. store the out-of-distribution reference in the card: the training and validation phantoms
+   go through the app's participant level (``cl-bidsapp-models calibrate``); per encoder stage,
+   the training scans' features (mean, shrunk covariance, leave-one-out scale), and a
+   threshold from the validation phantoms' scores (docs/ood.md).
 
 Typical run (20-60 minutes on 2 shared cores)::
 
@@ -301,23 +302,20 @@ def tune_postprocessing(args, work: Path) -> dict:
 
 
 def calibrate_ood(args, work: Path) -> dict:
-    """Write the out-of-distribution reference into the card (training + validation scans)."""
-    from cl_bidsapp.models.calibration import build_reference, embed_images, write_reference
+    """Write the out-of-distribution reference into the card (training + validation scans).
+
+    The scans go through the app's own participant level (its brain extraction, not the true
+    masks the network was trained with): the first encoder stages see the brain's outline, so a
+    reference built from true-mask inputs would call every scan the app processes unusual.
+    """
+    from cl_bidsapp.models.calibration import calibrate
     from cl_bidsapp.models.registry import resolve_model
 
     model = resolve_model(str(args.out))
-    train = [image for image, _ in masked_uni_cases(work / "phantoms", work / "masked")]
-    held = []
-    if (work / "validation").is_dir():
-        held = [image for image, _ in masked_uni_cases(work / "validation",
-                                                       work / "validation-masked")]
-    x_train, info = embed_images(model, train, threads=args.threads)
-    x_held = embed_images(model, held, threads=args.threads)[0] if held else None
-    sources = {"in_domain": {"what": "the training phantoms (UNIT1 x true brain mask)",
-                             "n_scans": len(train), "seed": args.seed},
-               "held_out": {"what": "the validation phantoms", "n_scans": len(held),
-                            "seed": args.seed + VALIDATION_SEED_OFFSET} if held else None}
-    return write_reference(model, build_reference(x_train, x_held), info, sources)
+    held = work / "validation" if (work / "validation").is_dir() else None
+    return calibrate(model, work / "phantoms", held_out=held, device="cpu",
+                     work_dir=work / "calibrate",
+                     app_args=["--nprocs", str(max(1, args.threads)), "--skip-bids-validation"])
 
 
 def _last(values):

@@ -1,4 +1,4 @@
-"""Out-of-distribution score: the math, the bottleneck hook, and calibrating a model's card."""
+"""Out-of-distribution score: the math, the encoder hooks, and calibrating a model's card."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import pytest
 from cl_bidsapp.core import ood
 from cl_bidsapp.models import cli as models_cli
 from cl_bidsapp.models.calibration import build_reference
-from cl_bidsapp.models.embedding import bottleneck_module, read_embedding
+from cl_bidsapp.models.embedding import encoder_stages, read_embedding
 from cl_bidsapp.models.predictor import CLPredictor
 from cl_bidsapp.models.registry import resolve_model
 from cl_bidsapp.models.testing import make_tiny_model
@@ -68,11 +68,40 @@ def test_held_out_scans_from_the_same_distribution_rarely_exceed_the_threshold()
     def draw(n):
         return rng.normal(size=(n, 8)) @ basis + rng.normal(scale=0.3, size=(n, 30))
     ref = build_reference(draw(60), draw(40))
-    fresh = ood.mahalanobis(ref, draw(400))
-    shifted = ood.mahalanobis(ref, draw(50) + 2.0 * rng.normal(size=30))
+    fresh = ood.ood_score(ref, draw(400))
+    shifted = ood.ood_score(ref, draw(50) + 2.0 * rng.normal(size=30))
     assert np.mean(fresh > ref["threshold"]) < 0.15
     assert np.mean(shifted > ref["threshold"]) > 0.9
     assert ood.roc_auc(np.r_[fresh, shifted], [0] * 400 + [1] * 50) > 0.95
+
+
+def test_a_shift_in_one_stage_alone_is_flagged_and_broken_blocks_are_named():
+    """The score is the largest scaled stage distance: a scan that differs from the training
+    scans only in its first-stage features (contrast, texture) must stand out even when the
+    deeper, larger blocks look in-domain; averaging all features together would drown it."""
+    rng = np.random.default_rng(7)
+    def draw(n, shift=0.0):
+        shallow = rng.normal(size=(n, 4)) + shift
+        deep = rng.normal(scale=3.0, size=(n, 60))
+        return np.c_[shallow, deep]
+    blocks = [("stage0", 0, 4), ("stage1", 4, 64)]
+    ref = build_reference(draw(40), draw(20), blocks=blocks)
+    assert ood.reference_problems(ref) == []
+    fresh, shifted = ood.ood_score(ref, draw(300)), ood.ood_score(ref, draw(40, shift=3.0))
+    assert np.mean(fresh > ref["threshold"]) < 0.15
+    assert np.mean(shifted > ref["threshold"]) > 0.9
+    assert np.median(fresh) == pytest.approx(1.0, abs=0.25)    # 1 = a typical in-domain scan
+    one = build_reference(draw(40), draw(20))                  # the same, as one block
+    assert ood.roc_auc(np.r_[ood.ood_score(one, draw(300)), ood.ood_score(one, draw(40, 3.0))],
+                       [0] * 300 + [1] * 40) < ood.roc_auc(np.r_[fresh, shifted],
+                                                          [0] * 300 + [1] * 40)
+    broken = json.loads(json.dumps(ref))
+    broken["blocks"][1]["start"] = 5
+    assert "ood.blocks[1] must cover features 4.." in ood.reference_problems(broken)[0]
+    del broken["blocks"][0]["scale"]
+    assert ood.reference_problems(broken)[0] == "ood.blocks[0].scale is missing"
+    with pytest.raises(ValueError, match="13 values but the reference has 64"):
+        ood.ood_score(ref, np.zeros(13))
 
 
 # --- the hook during prediction -------------------------------------------------------------
@@ -98,15 +127,20 @@ def model_dir(tmp_path_factory) -> Path:
                            features=(4, 8, 16))
 
 
-def test_embedding_is_the_bottleneck_mean_over_brain_tiles_and_ignores_tta(model_dir):
+def test_embedding_pools_every_encoder_stage_over_brain_tiles_and_ignores_tta(model_dir):
     model = resolve_model(str(model_dir))
     image = _head()
     plain = CLPredictor(model, device="cpu", folds=[0, 1], tta=False).predict(image)
     mirrored = CLPredictor(model, device="cpu", folds=[0], tta=True).predict(image)
-    assert plain.embedding.shape == (16,)               # channels of the deepest stage
-    np.testing.assert_allclose(plain.embedding, mirrored.embedding, rtol=1e-5)
     info = plain.embedding_info
-    assert info["Fold"] == 0 and info["Layer"] == "encoder.stages[-1]"
+    # mean and standard deviation of each channel of the three stages (4, 8, 16 channels)
+    assert info["Channels"] == [4, 8, 16] and plain.embedding.shape == (56,)
+    assert [(b["name"], b["start"], b["stop"]) for b in info["Blocks"]] == [
+        ("stage0", 0, 8), ("stage1", 8, 24), ("stage2", 24, 56)]
+    stds = np.r_[plain.embedding[4:8], plain.embedding[16:24], plain.embedding[40:56]]
+    assert np.all(stds >= 0) and stds.max() > 0
+    np.testing.assert_allclose(plain.embedding, mirrored.embedding, rtol=1e-5)
+    assert info["Fold"] == 0 and info["Layers"] == "encoder.stages[0..-1]"
     assert 0 < info["TilesUsed"] < info["TilesTotal"]   # corner tiles outside the blob
     assert info["CheckpointSHA256"] == model.card["files"]["fold_0/checkpoint_final.pth"]
     other = CLPredictor(model, device="cpu", folds=[1], tta=False).predict(image)
@@ -115,7 +149,7 @@ def test_embedding_is_the_bottleneck_mean_over_brain_tiles_and_ignores_tta(model
     # the hook is gone after prediction, and switching embedding off gives none
     net = CLPredictor(model, device="cpu", folds=[0], tta=False, embed=False)
     assert net.predict(image).embedding is None
-    assert not bottleneck_module(net._nnunet.network)._forward_hooks
+    assert not any(stage._forward_hooks for stage in encoder_stages(net._nnunet.network))
     assert plain.ood["verdict"] == "unknown" and "calibrate" in plain.ood["note"]
 
 
@@ -146,7 +180,8 @@ def test_calibrate_writes_a_card_that_verifies_and_scores_shifted_scans_outside(
     assert "reference of 5 scans" in capsys.readouterr().out
     card = json.loads((model_copy / "cl_model.json").read_text())
     assert card["ood"]["n_scans"] == 5 and card["ood"]["threshold_from"] == "held-out"
-    assert card["ood"]["fold"] == 0 and len(card["ood"]["mean"]) == 16
+    assert card["ood"]["fold"] == 0 and card["ood"]["n_features"] == 56
+    assert [b["name"] for b in card["ood"]["blocks"]] == ["stage0", "stage1", "stage2"]
     assert models_cli.main(["verify", str(model_copy)]) == 0   # the card is not self-hashed
 
     predictor = CLPredictor(resolve_model(str(model_copy)), device="cpu", tta=False)
@@ -184,6 +219,29 @@ def test_embedding_table_round_trips(tmp_path):
     back, meta = read_embedding(tmp_path / "e_features.tsv")
     np.testing.assert_allclose(back, vector)
     assert meta["Fold"] == 0
-    (tmp_path / "bad_features.tsv").write_text("feature\tvalue\nbottleneck_000\tnan\n")
+    (tmp_path / "bad_features.tsv").write_text("feature\tvalue\nstage0_mean_000\tnan\n")
     with pytest.raises(ValueError, match="NaN"):
         read_embedding(tmp_path / "bad_features.tsv")
+
+
+def test_a_card_calibrated_on_bottleneck_means_only_is_still_scored(model_dir, tmp_path):
+    """Cards calibrated before every stage was pooled hold one reference of the bottleneck's
+    channel means (no blocks); their scans are scored on that part of the new vector."""
+    from cl_bidsapp.models.calibration import ood_record
+
+    shutil.copytree(model_dir, tmp_path / "model")
+    model = resolve_model(str(tmp_path / "model"))
+    predictor = CLPredictor(model, device="cpu", folds=[0], tta=False)
+    results = [predictor.predict(_head(seed=s)) for s in range(4)]
+    last = results[0].embedding_info["Blocks"][-1]
+    bottleneck = np.array([r.embedding[last["start"]:last["start"] + 16] for r in results])
+    legacy = ood.fit_reference(bottleneck[:3])
+    legacy.update(threshold=5.0, checkpoint_sha256=results[0].embedding_info["CheckpointSHA256"])
+    model.card["ood"] = legacy
+    record = ood_record(model, results[3].embedding, results[3].embedding_info)
+    assert record["score"] == pytest.approx(float(ood.mahalanobis(legacy, bottleneck[3])[0]),
+                                            rel=1e-3)
+    legacy["mean"] = legacy["mean"][:10]                     # made from other features
+    legacy["components"] = [c[:10] for c in legacy["components"]]
+    record = ood_record(model, results[3].embedding, results[3].embedding_info)
+    assert record["verdict"] == "unknown" and "calibrate" in record["note"]

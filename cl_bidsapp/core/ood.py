@@ -1,20 +1,28 @@
 """Out-of-distribution score: how far a scan's network features lie from the training scans'.
 
-Each scan is summarised by a fixed-length feature vector (the segmentation network's bottleneck
-activations, averaged over space and over the sliding-window tiles inside the brain; see
+Each scan is summarised by a fixed-length feature vector (the segmentation network's encoder
+activations, pooled over space and over the sliding-window tiles inside the brain; see
 :mod:`cl_bidsapp.models.embedding`). A *reference* describes the vectors of scans the user
-calls in-domain: their mean and a shrunk covariance. The score of a new scan is its
+calls in-domain: their mean and a shrunk covariance. The distance of a new scan is its
 Mahalanobis distance to that reference; the *threshold* is a high quantile (0.95 by default) of
-the distances of in-domain scans the reference did not see (held-out scans, else
-leave-one-out).
+the scores of in-domain scans the reference did not see (held-out scans, else leave-one-out).
 
-Covariance with few scans (tens) and many features (96 to 320) is singular, hence
+Covariance with few scans (tens) and many features (hundreds) is singular, hence
 Ledoit-Wolf shrinkage towards a scaled identity (Ledoit and Wolf 2004, J. Multivariate Anal.
 88:365; the same estimator as scikit-learn's ``ledoit_wolf``):
 ``C = (1 - a) S + a mu I``, ``S`` the sample covariance (divided by n), ``mu = trace(S) / d``.
 The reference stores ``C`` compactly: the top principal directions of ``S`` with their shrunk
 variances, and one variance for every other direction (the shrinkage floor ``a mu`` plus the
 mean of the eigenvalues left out, so nothing is lost when every non-zero direction is kept).
+
+A scan's vector may be made of *blocks* (one per network stage: the early stages carry the
+image's contrast and texture, the bottleneck what the network makes of it). Each block then
+gets its own reference and a *scale*, the median leave-one-out distance of the training scans
+(each scan's distance to the block's reference fitted without it); the scan's score is the largest scaled block distance (1 is a typical
+in-domain scan), so a scan unlike the training scans at any depth of the network stands out
+(the multi-layer Mahalanobis score of Lee et al. 2018, NeurIPS, with an unsupervised
+combination: no out-of-domain scans are needed to calibrate it). A reference without blocks is
+one block of scale 1: its score is the plain Mahalanobis distance.
 
 Pure numpy (no Nipype, no torch): the model card stores the reference as JSON lists.
 
@@ -39,8 +47,11 @@ import numpy as np
 DEFAULT_QUANTILE = 0.95
 #: Principal directions kept in a reference (the rest share one variance).
 MAX_COMPONENTS = 64
-#: Fields a reference needs (as stored in the model card's ``ood`` section).
+#: Fields a reference needs (as stored in the model card's ``ood`` section, or in each of its
+#: ``blocks``).
 REFERENCE_KEYS = ("mean", "components", "variances", "residual_variance")
+#: Fields of a block besides the reference's: where its features lie in the vector, its scale.
+BLOCK_KEYS = ("name", "start", "stop", "scale")
 
 
 def _as_matrix(features, name: str = "features") -> np.ndarray:
@@ -189,6 +200,8 @@ def reference_problems(reference: Any) -> list[str]:
     """
     if not isinstance(reference, dict):
         return ["ood must be an object"]
+    if "blocks" in reference:
+        return _block_problems(reference)
     missing = [f"ood.{k} is missing" for k in REFERENCE_KEYS if k not in reference]
     if missing:
         return missing
@@ -252,6 +265,153 @@ def mahalanobis(reference: dict, features) -> np.ndarray:
     coef = r @ u.T
     d2 = (coef ** 2 / v).sum(axis=1) + ((r ** 2).sum(axis=1) - (coef ** 2).sum(axis=1)) / residual
     return np.sqrt(np.maximum(d2, 0.0))
+
+
+def _block_problems(reference: dict) -> list[str]:
+    """:func:`reference_problems` for a reference made of blocks."""
+    blocks = reference["blocks"]
+    if not isinstance(blocks, list) or not blocks:
+        return ["ood.blocks must be a non-empty list"]
+    problems, end = [], 0
+    for i, block in enumerate(blocks):
+        where = f"ood.blocks[{i}]"
+        if not isinstance(block, dict):
+            problems.append(f"{where} must be an object")
+            continue
+        missing = [k for k in BLOCK_KEYS if k not in block]
+        if missing:
+            problems.append(f"{where}.{missing[0]} is missing")
+            continue
+        start, stop = block["start"], block["stop"]
+        if not (type(start) is int and type(stop) is int and start == end < stop):
+            problems.append(f"{where} must cover features {end}.. (start {start}, stop {stop})")
+            continue
+        end = stop
+        inner = reference_problems({k: v for k, v in block.items() if k in REFERENCE_KEYS})
+        problems += [p.replace("ood.", f"{where}.", 1) for p in inner]
+        if not problems and len(block["mean"]) != stop - start:
+            problems.append(f"{where}.mean must have {stop - start} values")
+        scale = block["scale"]
+        if isinstance(scale, bool) or not (isinstance(scale, (int, float))
+                                           and math.isfinite(scale) and scale > 0):
+            problems.append(f"{where}.scale must be a positive number")
+    threshold = reference.get("threshold")
+    if threshold is not None and not (isinstance(threshold, (int, float))
+                                      and math.isfinite(threshold) and threshold > 0):
+        problems.append("ood.threshold must be a positive number")
+    return problems
+
+
+def n_features(reference: dict) -> int:
+    """How many values a scan's vector must have for ``reference``."""
+    if "blocks" in reference:
+        return int(reference["blocks"][-1]["stop"])
+    return len(reference["mean"])
+
+
+def block_distances(reference: dict, features) -> np.ndarray:
+    """Scaled Mahalanobis distance of each scan to each block's reference (scans x blocks).
+
+    A reference without blocks is one block of scale 1.
+
+    >>> ref = {"blocks": [
+    ...     {"name": "a", "start": 0, "stop": 1, "scale": 2.0, "mean": [0.0],
+    ...      "components": [], "variances": [], "residual_variance": 1.0},
+    ...     {"name": "b", "start": 1, "stop": 2, "scale": 1.0, "mean": [10.0],
+    ...      "components": [], "variances": [], "residual_variance": 4.0}]}
+    >>> block_distances(ref, [[4.0, 10.0], [0.0, 16.0]]).tolist()
+    [[2.0, 0.0], [0.0, 3.0]]
+    >>> ood_score(ref, [[4.0, 10.0], [0.0, 16.0]]).tolist()
+    [2.0, 3.0]
+    """
+    x = _as_matrix(features)
+    if "blocks" not in reference:
+        return mahalanobis(reference, x)[:, None]
+    if x.shape[1] != n_features(reference):
+        raise ValueError(f"features have {x.shape[1]} values but the reference has "
+                         f"{n_features(reference)}: they come from another network or layer")
+    columns = [mahalanobis(b, x[:, b["start"]:b["stop"]]) / float(b["scale"])
+               for b in reference["blocks"]]
+    return np.stack(columns, axis=1)
+
+
+def ood_score(reference: dict, features) -> np.ndarray:
+    """The out-of-distribution score of each scan: its largest scaled block distance.
+
+    For a reference without blocks, the Mahalanobis distance (:func:`mahalanobis`).
+    """
+    return block_distances(reference, features).max(axis=1)
+
+
+def fit_block_reference(features, blocks: Sequence[tuple[str, int, int]], held_out=None,
+                        max_components: int = MAX_COMPONENTS) -> tuple[dict, np.ndarray]:
+    """A reference per block of features, each with its scale; and the calibration scores.
+
+    Parameters
+    ----------
+    features : array (n_scans, n_features)
+        In-domain training scans (at least 3).
+    blocks : sequence of (name, start, stop)
+        Consecutive column ranges covering every feature.
+    held_out : array (n_held_out, n_features) or None
+        In-domain scans not in ``features``, whose scores calibrate a threshold.
+
+    Each block's scale is the median of the training scans' leave-one-out distances to it, so
+    the held-out scans are used once only: for the threshold.
+
+    Returns
+    -------
+    reference : dict
+        ``blocks`` (each :func:`fit_reference`'s fields plus ``name``, ``start``, ``stop``,
+        ``scale``), ``n_scans``, ``n_features``, ``scores_from`` (``held-out`` or
+        ``leave-one-out``).
+    scores : ndarray
+        :func:`ood_score` of the held-out scans, else the training scans' leave-one-out
+        scores: what a threshold is taken from.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(4)
+    >>> train = np.c_[rng.normal(size=(30, 3)), 50 * rng.normal(size=(30, 2))]
+    >>> ref, scores = fit_block_reference(train, [("a", 0, 3), ("b", 3, 5)],
+    ...                                   held_out=np.c_[rng.normal(size=(9, 3)),
+    ...                                                  50 * rng.normal(size=(9, 2))])
+    >>> [b["name"] for b in ref["blocks"]], ref["scores_from"], len(scores)
+    (['a', 'b'], 'held-out', 9)
+    >>> shifted = np.c_[rng.normal(size=(5, 3)) + 6, 50 * rng.normal(size=(5, 2))]
+    >>> bool(ood_score(ref, shifted).min() > np.max(scores))  # one block is enough
+    True
+    """
+    x = _as_matrix(features)
+    if len(x) < 3:
+        raise ValueError("a reference of blocks needs at least 3 scans (leave-one-out scales)")
+    held = None if held_out is None else _as_matrix(held_out, "held_out")
+    if held is not None and held.shape[1] != x.shape[1]:
+        raise ValueError(f"held-out scans have {held.shape[1]} features, the training scans "
+                         f"{x.shape[1]}: they come from another network or layer")
+    if held is not None and not len(held):
+        held = None
+    end = 0
+    for name, start, stop in blocks:
+        if start != end or stop <= start:
+            raise ValueError(f"block {name} must start at {end} and end after it")
+        end = stop
+    if end != x.shape[1]:
+        raise ValueError(f"blocks cover {end} features, the scans have {x.shape[1]}")
+    out_blocks, loo = [], []
+    for name, start, stop in blocks:
+        ref = fit_reference(x[:, start:stop], max_components)
+        d = leave_one_out_distances(x[:, start:stop], max_components)
+        scale = float(np.median(d))
+        if not scale > 0:
+            scale = 1.0
+        out_blocks.append({"name": str(name), "start": int(start), "stop": int(stop),
+                           "scale": scale, **ref})
+        loo.append(d / scale)
+    reference = {"blocks": out_blocks, "n_scans": int(len(x)), "n_features": int(x.shape[1]),
+                 "scores_from": "held-out" if held is not None else "leave-one-out"}
+    scores = ood_score(reference, held) if held is not None else np.max(np.stack(loo, 1), 1)
+    return reference, scores
 
 
 def leave_one_out_distances(features, max_components: int = MAX_COMPONENTS) -> np.ndarray:

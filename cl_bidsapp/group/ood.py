@@ -137,7 +137,7 @@ def ood_figure(scored: Sequence[ImageSummary], thresholds: Sequence[float],
     for t in thresholds:
         axes[0].axhline(t, color="k", ls="--", lw=1)
     axes[0].set_xticks(range(len(groups)), groups, rotation=20, fontsize=8)
-    axes[0].set_ylabel("OOD score (Mahalanobis distance)")
+    axes[0].set_ylabel("OOD score (1 = typical in-domain scan)")
     axes[0].set_title(f"by {key}; dashed: threshold", fontsize=9)
     if panels == 2:
         pts = [(float(s.values["ood_score"]), f1[s.bids_name],

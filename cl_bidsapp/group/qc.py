@@ -174,8 +174,8 @@ def flag_outside_domain(summaries: Sequence[ImageSummary]) -> None:
     for s in summaries:
         if s.status == "ok" and s.values.get("ood_verdict") == "outside":
             s.flag("outside_domain", f"outside the model's domain: OOD score "
-                                     f"{s.values['ood_score']:.1f} above the model's threshold "
-                                     f"{s.values['ood_threshold']:.1f}; its lesions may be "
+                                     f"{s.values['ood_score']:.2f} above the model's threshold "
+                                     f"{s.values['ood_threshold']:.2f}; its lesions may be "
                                      "unreliable (docs/ood.md)")
 
 

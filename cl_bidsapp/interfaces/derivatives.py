@@ -84,7 +84,7 @@ class _SaveInputSpec(BaseInterfaceInputSpec):
     segment_seconds = traits.Float()
     lesions_seconds = traits.Float()
     # out-of-distribution score (models/embedding.py, models/calibration.py)
-    embedding = File(exists=True, desc="bottleneck embedding TSV")
+    embedding = File(exists=True, desc="encoder-feature embedding TSV")
     embedding_info = traits.Dict()
     ood = traits.Dict()
 

@@ -32,8 +32,8 @@ class _SegmentOutputSpec(StageOutputSpec):
     fold_probabilities = traits.List(File(exists=True), desc="one map per fold")
     folds = traits.List(traits.Str)
     device_used = traits.Str()
-    embedding = File(exists=True, desc="bottleneck embedding (TSV, see models/embedding.py)")
-    embedding_info = traits.Dict(desc="layer, pooling, fold and checkpoint of the embedding")
+    embedding = File(exists=True, desc="encoder-feature embedding (TSV, see models/embedding.py)")
+    embedding_info = traits.Dict(desc="layers, pooling, blocks, fold and checkpoint of the embedding")
     ood = traits.Dict(desc="out-of-distribution score, threshold and verdict")
 
 
@@ -60,10 +60,13 @@ class Segment(StageInterface):
         self._results["folds"] = [str(f) for f in result.folds]
         self._results["device_used"] = result.device
         if result.embedding is not None:
-            from cl_bidsapp.models.embedding import embedding_tsv
+            from cl_bidsapp.models.embedding import embedding_tsv, feature_names
 
-            self._results["embedding"] = str(write_text(cwd / "embedding.tsv",
-                                                        embedding_tsv(result.embedding)))
+            names = feature_names(result.embedding_info.get("Channels", []))
+            self._results["embedding"] = str(write_text(
+                cwd / "embedding.tsv",
+                embedding_tsv(result.embedding, names if len(names) == len(
+                    result.embedding) else None)))
             self._results["embedding_info"] = dict(result.embedding_info)
             self._results["ood"] = dict(result.ood)
 

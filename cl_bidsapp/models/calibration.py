@@ -1,10 +1,11 @@
 """The out-of-distribution reference of a model: build it, store it in the card, score scans.
 
-A model card may carry an ``ood`` section: the mean and Ledoit-Wolf-shrunk covariance of the
-bottleneck embeddings (:mod:`cl_bidsapp.models.embedding`) of scans named as in-domain, and a
-threshold: by default the 0.95 quantile of the Mahalanobis distances of held-out in-domain
-scans (or, without held-out scans, of the training scans' leave-one-out distances). The math
-is in :mod:`cl_bidsapp.core.ood`.
+A model card may carry an ``ood`` section: per encoder stage, the mean and Ledoit-Wolf-shrunk
+covariance of the stage's features (:mod:`cl_bidsapp.models.embedding`) over scans named as
+in-domain and the median leave-one-out distance of those scans (the stage's scale); and a
+threshold on the score (the largest scaled stage distance): by default the 0.95 quantile of
+the held-out scans' scores (or, without held-out scans, of the training scans' leave-one-out
+scores). The math is in :mod:`cl_bidsapp.core.ood`.
 
 The card is not among the files its own sha256 list covers, so the reference can be added to
 an installed model without breaking verification; the model's identity (the card's sha256)
@@ -66,7 +67,7 @@ def ood_record(model: InstalledModel, vector: np.ndarray, info: dict[str, Any]
                ) -> dict[str, Any]:
     """Score, threshold and verdict of one embedding against the card's reference.
 
-    Returns a dict with ``score`` (Mahalanobis distance), ``threshold``, ``verdict``
+    Returns a dict with ``score`` (:func:`~cl_bidsapp.core.ood.ood_score`), ``threshold``, ``verdict``
     (``inside``, ``outside`` or ``unknown``), ``fold``, ``reference_scans`` and, when no
     score could be given, ``note`` saying why.
     """
@@ -86,10 +87,12 @@ def ood_record(model: InstalledModel, vector: np.ndarray, info: dict[str, Any]
                        f"which this run did not use (folds run: fold {info.get('Fold')} gave "
                        "the embedding)")
         return out
+    vector = _legacy_slice(ref, vector, info)
     try:
-        score = float(ood.mahalanobis(ref, vector)[0])
+        score = float(ood.ood_score(ref, vector)[0])
     except ValueError as exc:
-        out["note"] = f"the embedding does not fit the card's reference ({exc})"
+        out["note"] = (f"the embedding does not fit the card's reference ({exc}); run "
+                       f"'cl-bidsapp-models calibrate {model.name} IN_DOMAIN_DIR' again")
         return out
     threshold = ref.get("threshold")
     out.update(score=round(score, 4), threshold=threshold,
@@ -97,17 +100,43 @@ def ood_record(model: InstalledModel, vector: np.ndarray, info: dict[str, Any]
     return out
 
 
+def _legacy_slice(reference: dict, vector: np.ndarray, info: dict[str, Any]) -> np.ndarray:
+    """The part of ``vector`` an old-format reference (bottleneck means only, no blocks) was
+    made from: the channel means of the last encoder stage; else ``vector`` unchanged.
+
+    >>> info = {"Blocks": [{"name": "stage0", "start": 0, "stop": 4},
+    ...                    {"name": "stage1", "start": 4, "stop": 10}]}
+    >>> _legacy_slice({"mean": [0.0] * 3}, np.arange(10.0), info).tolist()
+    [4.0, 5.0, 6.0]
+    """
+    blocks = info.get("Blocks") or []
+    if "blocks" in reference or not blocks:
+        return vector
+    last = blocks[-1]
+    channels = (int(last["stop"]) - int(last["start"])) // 2
+    if len(reference.get("mean", [])) != channels or len(vector) != int(last["stop"]):
+        return vector
+    return np.asarray(vector)[int(last["start"]):int(last["start"]) + channels]
+
+
 def build_reference(train: np.ndarray, held_out: np.ndarray | None = None,
-                    quantile: float = ood.DEFAULT_QUANTILE) -> dict[str, Any]:
+                    quantile: float = ood.DEFAULT_QUANTILE,
+                    blocks: Sequence | None = None) -> dict[str, Any]:
     """The card's ``ood`` numbers from in-domain embeddings (rows are scans).
 
-    The threshold is the ``quantile`` of the held-out scans' distances, else of the training
-    scans' leave-one-out distances.
+    ``blocks`` (the embedding's ``Blocks``: dicts with ``name``, ``start``, ``stop``, or
+    tuples) split the vector into parts scored on their own (one block when not given); see
+    :func:`cl_bidsapp.core.ood.fit_block_reference`. Each block's scale is the median distance
+    of the training scans left out one at a time; the threshold is the ``quantile`` of the
+    held-out scans' scores (at least 2 held-out scans), else of the leave-one-out scores.
 
     >>> rng = np.random.default_rng(0)
     >>> ref = build_reference(rng.normal(size=(12, 4)), rng.normal(size=(6, 4)))
-    >>> ref["threshold_from"], ref["n_scans"], ref["n_held_out"], ref["threshold"] > 0
+    >>> ref["threshold_from"], ref["n_scans"], ref["n_held_out"], ref["threshold"] > 1
     ('held-out', 12, 6, True)
+    >>> ref = build_reference(rng.normal(size=(12, 4)), blocks=[("a", 0, 1), ("b", 1, 4)])
+    >>> [b["name"] for b in ref["blocks"]], ref["threshold_from"]
+    (['a', 'b'], 'leave-one-out')
     """
     train = np.asarray(train, dtype=float)
     if len(train) < MIN_SCANS:
@@ -116,18 +145,23 @@ def build_reference(train: np.ndarray, held_out: np.ndarray | None = None,
     if len(train) < FEW_SCANS:
         logger.warning("only %d in-domain scans: the reference and its threshold are rough; "
                        "use tens of scans for a dependable score", len(train))
-    ref = ood.fit_reference(train)
-    if held_out is not None and len(held_out):
-        distances = ood.mahalanobis(ref, held_out)
-        ref["threshold_from"] = "held-out"
+    if blocks:
+        layout = [(b["name"], int(b["start"]), int(b["stop"])) if isinstance(b, dict)
+                  else (str(b[0]), int(b[1]), int(b[2])) for b in blocks]
     else:
-        distances = ood.leave_one_out_distances(train)
-        ref["threshold_from"] = "leave-one-out"
-    ref["n_held_out"] = int(len(held_out)) if held_out is not None else 0
+        layout = [("all", 0, train.shape[1] if train.ndim == 2 else 0)]
+    held = np.asarray(held_out, dtype=float) if held_out is not None and len(held_out) else None
+    if held is not None and len(held) < 2:
+        logger.warning("one held-out scan cannot set a threshold; using the training scans' "
+                       "leave-one-out scores instead")
+        held = None
+    ref, scores = ood.fit_block_reference(train, layout, held)
+    ref["threshold_from"] = ref.pop("scores_from")
+    ref["n_held_out"] = int(len(held)) if held is not None else 0
     ref["quantile"] = float(quantile)
-    ref["threshold"] = ood.threshold_from(distances, quantile)
-    ref["calibration_distances"] = sorted(float(d) for d in distances)
-    ref["training_distances_median"] = float(np.median(ood.mahalanobis(ref, train)))
+    ref["threshold"] = ood.threshold_from(scores, quantile)
+    ref["calibration_scores"] = sorted(float(d) for d in scores)
+    ref["training_scores_median"] = float(np.median(ood.ood_score(ref, train)))
     return _rounded(ref)
 
 
@@ -146,12 +180,14 @@ def write_reference(model: InstalledModel, reference: dict[str, Any],
     """Put ``reference`` into the model's card (``ood``) and write it; return the card."""
     path = model.path / cards.CARD_FILENAME
     card = json.loads(path.read_text(encoding="utf-8"))
-    from cl_bidsapp.models.embedding import LAYER, POOLING
+    from cl_bidsapp.models.embedding import LAYERS, POOLING
 
     card["ood"] = {
-        "score": "Mahalanobis distance of the scan's bottleneck embedding to the in-domain "
-                 "reference (Ledoit-Wolf shrunk covariance); see docs/ood.md",
-        "layer": info.get("Layer", LAYER), "pooling": info.get("Pooling", POOLING),
+        "score": "largest, over the encoder stages, of the Mahalanobis distance of the scan's "
+                 "stage features to the in-domain reference (Ledoit-Wolf shrunk covariance) "
+                 "divided by the stage's scale (the median leave-one-out distance of the "
+                 "in-domain scans); see docs/ood.md",
+        "layers": info.get("Layers", LAYERS), "pooling": info.get("Pooling", POOLING),
         "fold": info.get("Fold"), "checkpoint_sha256": info.get("CheckpointSHA256"),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "sources": dict(sources or {}),
@@ -227,14 +263,16 @@ def collect_embeddings(model: InstalledModel, folder: Path, device: str = "cpu",
         outputs = record.get("outputs") or {}
         emb = folder / outputs["embedding"] if outputs.get("embedding") else None
         if emb is not None and emb.is_file():
-            from cl_bidsapp.models.embedding import read_embedding
+            from cl_bidsapp.models.embedding import LAYERS, read_embedding
 
             try:
                 vector, meta = read_embedding(emb)
             except (OSError, ValueError) as exc:
                 logger.warning("%s: %s; embedding it again", emb, exc)
             else:
-                if meta.get("CheckpointSHA256") == wanted:
+                blocks = meta.get("Blocks") or [{}]
+                if (meta.get("CheckpointSHA256") == wanted and meta.get("Layers") == LAYERS
+                        and len(vector) == blocks[-1].get("stop")):
                     vectors[name], info = vector, meta
                     names.append(name)
                     continue
@@ -249,8 +287,8 @@ def collect_embeddings(model: InstalledModel, folder: Path, device: str = "cpu",
         raise MissingInputError("no processed scan with an embedding or a model input here",
                                 path=folder, hint="give a raw BIDS dataset or the output "
                                                   "folder of a cl-bidsapp participant run")
-    info = {k: v for k, v in info.items() if k in ("Layer", "Pooling", "Fold",
-                                                   "CheckpointSHA256")}
+    info = {k: v for k, v in info.items() if k in ("Layers", "Pooling", "Channels", "Blocks",
+                                                   "Fold", "CheckpointSHA256")}
     return np.array([vectors[n] for n in names]), names, info
 
 
@@ -281,7 +319,7 @@ def calibrate(model: InstalledModel, folder: Path, held_out: Path | None = None,
     if held_out is not None:
         held, held_names, _ = collect_embeddings(model, held_out, device, work_dir, app_args)
     try:
-        reference = build_reference(train, held, quantile)
+        reference = build_reference(train, held, quantile, blocks=info.get("Blocks"))
     except ValueError as exc:
         raise InputDataError(str(exc), path=folder) from None
     sources = {"in_domain": {"folder": str(folder), "n_scans": len(names)},

@@ -1,21 +1,28 @@
-"""A scan's feature vector from the nnU-Net bottleneck, captured during prediction.
+"""A scan's feature vector from the nnU-Net encoder, captured during prediction.
 
-While nnU-Net's sliding window runs, a forward hook on the deepest encoder stage (the
-bottleneck, ``network.encoder.stages[-1]`` in dynamic-network-architectures' U-Nets) averages
-each tile's activations over space: one value per bottleneck channel and tile. Only the first,
-unmirrored network pass of a tile is used, so the vector is the same with or without
-test-time augmentation. The scan's vector is the mean over the tiles whose centre lies in the
-brain: the non-zero region of the model input, as nnU-Net's own preprocessing finds it
-(``crop_to_nonzero``, holes filled), on the preprocessed grid. When no tile centre is in the
-brain (a tiny brain), tiles that touch it are used, else all tiles.
+While nnU-Net's sliding window runs, a forward hook on every encoder stage
+(``network.encoder.stages[k]`` in dynamic-network-architectures' U-Nets, from the first,
+full-resolution stage down to the bottleneck) pools each tile's activations over space: the
+mean and the standard deviation of every channel. Only the first, unmirrored network pass of a
+tile is used, so the vector is the same with or without test-time augmentation. The scan's
+vector is the mean over the tiles whose centre lies in the brain: the non-zero region of the
+model input, as nnU-Net's own preprocessing finds it (``crop_to_nonzero``, holes filled), on
+the preprocessed grid. When no tile centre is in the brain (a tiny brain), tiles that touch it
+are used, else all tiles.
+
+The vector is made of one block per stage (``stage0``: the channel means, then the channel
+standard deviations; then ``stage1`` ...). The early stages see the image's contrast, noise
+and texture; the bottleneck what the network makes of them. On the demo model only the early
+stages tell another field strength or sequence apart (docs/ood.md), which is why every stage
+is kept and scored on its own (:func:`cl_bidsapp.core.ood.ood_score`).
 
 With several folds, the vector comes from one fold's network (the reference fold the model
 card's ``ood`` section names, else the first fold run): each fold's network has its own
 feature space, and averaging channels of different networks mixes unrelated features.
 
 Saved per image as ``<source>_desc-embedding_features.tsv`` (two columns: ``feature``,
-``value``) with a JSON sidecar naming the layer, pooling, fold and the sha256 of that fold's
-checkpoint (:func:`write_embedding`, :func:`read_embedding`).
+``value``) with a JSON sidecar naming the layers, pooling, blocks, fold and the sha256 of that
+fold's checkpoint (:func:`embedding_tsv`, :func:`embedding_sidecar`, :func:`read_embedding`).
 """
 from __future__ import annotations
 
@@ -26,14 +33,14 @@ from typing import Any
 
 import numpy as np
 
-LAYER = "encoder.stages[-1]"
-POOLING = ("mean over space of each tile's bottleneck activations (first, unmirrored pass), "
-           "then mean over the sliding-window tiles whose centre is in the brain (non-zero "
-           "model input)")
+LAYERS = "encoder.stages[0..-1]"
+POOLING = ("per tile (first, unmirrored pass), the mean and the standard deviation over space "
+           "of each channel of each encoder stage; then the mean over the sliding-window tiles "
+           "whose centre is in the brain (non-zero model input)")
 
 
-def bottleneck_module(network):
-    """The deepest encoder stage of an nnU-Net network (``encoder.stages[-1]``).
+def encoder_stages(network) -> list:
+    """The encoder stages of an nnU-Net network (``encoder.stages``), shallowest first.
 
     Raises
     ------
@@ -44,9 +51,35 @@ def bottleneck_module(network):
     network = getattr(network, "module", network)         # DistributedDataParallel
     stages = getattr(getattr(network, "encoder", None), "stages", None)
     if stages is None or len(stages) == 0:
-        raise ValueError(f"{type(network).__name__} has no encoder.stages; cannot find the "
-                         "bottleneck")
-    return stages[-1]
+        raise ValueError(f"{type(network).__name__} has no encoder.stages; cannot take its "
+                         "features")
+    return list(stages)
+
+
+def block_layout(channels) -> list[tuple[str, int, int]]:
+    """(name, start, stop) of each stage's block in the vector: means then stds per channel.
+
+    >>> block_layout([2, 4])
+    [('stage0', 0, 4), ('stage1', 4, 12)]
+    """
+    out, start = [], 0
+    for k, c in enumerate(channels):
+        out.append((f"stage{k}", start, start + 2 * int(c)))
+        start += 2 * int(c)
+    return out
+
+
+def feature_names(channels) -> list[str]:
+    """Names of the vector's entries, stage by stage: ``stage0_mean_000`` .. ``stage0_std_000``.
+
+    >>> feature_names([2])
+    ['stage0_mean_000', 'stage0_mean_001', 'stage0_std_000', 'stage0_std_001']
+    """
+    names = []
+    for k, c in enumerate(channels):
+        for stat in ("mean", "std"):
+            names += [f"stage{k}_{stat}_{i:03d}" for i in range(int(c))]
+    return names
 
 
 def tile_centres_in(mask: np.ndarray, slicers) -> np.ndarray:
@@ -73,8 +106,8 @@ def tiles_touching(mask: np.ndarray, slicers) -> np.ndarray:
     return np.array([bool(mask[sl[-mask.ndim:]].any()) for sl in slicers], dtype=bool)
 
 
-class BottleneckCapture:
-    """Collect the pooled bottleneck features of every tile of one sliding-window prediction.
+class FeatureCapture:
+    """Collect the pooled encoder features of every tile of one sliding-window prediction.
 
     Use :meth:`attached` around ``nnUNetPredictor.predict_sliding_window_return_logits``;
     then :meth:`embedding` gives the scan's vector.
@@ -88,26 +121,33 @@ class BottleneckCapture:
     def __init__(self, brain: np.ndarray):
         self.brain = np.asarray(brain, dtype=bool)
         self.slicers: list = []
-        self._features: dict[int, np.ndarray] = {}
+        self._features: dict[int, dict[int, Any]] = {}
         self._tile = -1
-        self._armed = False
+        self._pending: set[int] = set()
+        self._n_stages = 0
         self.padded_shape: tuple[int, ...] | None = None
 
-    def _hook(self, module, inputs, output):
-        if not self._armed:
-            return
-        self._armed = False            # mirrored passes of the same tile are not recorded
-        out = output[-1] if isinstance(output, (list, tuple)) else output
-        # stays on the device: a copy to the CPU here would stall the GPU at every tile
-        self._features[self._tile] = out.detach().float().mean(dim=tuple(range(2, out.ndim)))[0]
+    def _hook(self, stage: int):
+        def hook(module, inputs, output):
+            if stage not in self._pending:
+                return
+            self._pending.discard(stage)   # mirrored passes of the same tile are not recorded
+            out = output[-1] if isinstance(output, (list, tuple)) else output
+            flat = out.detach()[0].float().flatten(1)
+            std, mean = _std_mean(flat)
+            # stays on the device: a copy to the CPU here would stall the GPU at every tile
+            self._features.setdefault(self._tile, {})[stage] = (mean, std)
+        return hook
 
     @contextlib.contextmanager
     def attached(self, predictor):
         """Hook ``predictor``'s network and count its tiles for the duration of the block."""
-        module = bottleneck_module(predictor.network)
-        handle = module.register_forward_hook(self._hook)
+        stages = encoder_stages(predictor.network)
+        self._n_stages = len(stages)
+        handles = [m.register_forward_hook(self._hook(k)) for k, m in enumerate(stages)]
         get_slicers = predictor._internal_get_sliding_window_slicers
         predict_tile = predictor._internal_maybe_mirror_and_predict
+        sliding_window = predictor._internal_predict_sliding_window_return_logits
 
         def slicers(image_size):
             self.padded_shape = tuple(int(s) for s in image_size)
@@ -115,20 +155,28 @@ class BottleneckCapture:
             return self.slicers
 
         def tile(x):
-            # tiles arrive in slicer order (one producer thread, a FIFO queue); a retry on
-            # the CPU after a GPU out-of-memory starts again at tile 0
+            # tiles arrive in slicer order (one producer thread, a FIFO queue)
             self._tile = (self._tile + 1) % max(1, len(self.slicers))
-            self._armed = True
+            self._pending = set(range(len(stages)))
             return predict_tile(x)
+
+        def window(*args, **kwargs):
+            # nnU-Net reruns the whole sliding window (same slicers) with results on the CPU
+            # after a GPU out-of-memory: count the tiles again from the first
+            self._tile, self._features = -1, {}
+            return sliding_window(*args, **kwargs)
 
         predictor._internal_get_sliding_window_slicers = slicers
         predictor._internal_maybe_mirror_and_predict = tile
+        predictor._internal_predict_sliding_window_return_logits = window
         try:
             yield self
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
             for name in ("_internal_get_sliding_window_slicers",
-                         "_internal_maybe_mirror_and_predict"):
+                         "_internal_maybe_mirror_and_predict",
+                         "_internal_predict_sliding_window_return_logits"):
                 predictor.__dict__.pop(name, None)
 
     def tile_selection(self) -> tuple[np.ndarray, str]:
@@ -153,50 +201,62 @@ class BottleneckCapture:
         return padded[0].astype(bool)
 
     def embedding(self) -> tuple[np.ndarray, dict[str, Any]]:
-        """The scan's vector and how it was pooled (tiles used, rule)."""
-        if not self.slicers or len(self._features) != len(self.slicers):
-            raise RuntimeError(f"the bottleneck hook saw {len(self._features)} of "
+        """The scan's vector and how it was pooled (layers, blocks, tiles used, rule)."""
+        complete = [t for t, f in self._features.items() if len(f) == self._n_stages]
+        if not self.slicers or not self._n_stages or len(complete) != len(self.slicers):
+            raise RuntimeError(f"the encoder hooks saw {len(complete)} of "
                                f"{len(self.slicers)} tiles")
         chosen, rule = self.tile_selection()
         import torch
 
-        stack = torch.stack([self._features[i] for i in range(len(self.slicers))])
-        stack = stack.cpu().numpy().astype(np.float64)
-        vector = stack[chosen].mean(axis=0)
-        return vector, {"Layer": LAYER, "Pooling": POOLING, "TileRule": rule,
-                        "TilesUsed": int(chosen.sum()), "TilesTotal": len(self.slicers)}
+        n_stages = self._n_stages
+        per_tile = torch.stack([
+            torch.cat([torch.cat(self._features[i][k]) for k in range(n_stages)])
+            for i in range(len(self.slicers))])
+        per_tile = per_tile.cpu().numpy().astype(np.float64)
+        vector = per_tile[chosen].mean(axis=0)
+        channels = [int(self._features[0][k][0].numel()) for k in range(n_stages)]
+        blocks = [{"name": n, "start": a, "stop": b} for n, a, b in block_layout(channels)]
+        return vector, {"Layers": LAYERS, "Pooling": POOLING, "Channels": channels,
+                        "Blocks": blocks, "TileRule": rule, "TilesUsed": int(chosen.sum()),
+                        "TilesTotal": len(self.slicers)}
 
 
-def feature_names(n: int) -> list[str]:
-    """``bottleneck_000`` .. names of the vector's entries (one per bottleneck channel).
+def _std_mean(flat):
+    """Population standard deviation and mean of each row of a 2-D tensor."""
+    import torch
 
-    >>> feature_names(2)
-    ['bottleneck_000', 'bottleneck_001']
-    """
-    return [f"bottleneck_{i:03d}" for i in range(n)]
+    return torch.std_mean(flat, dim=1, correction=0)
 
 
-def embedding_tsv(vector: np.ndarray) -> str:
-    """The TSV text of an embedding: ``feature``/``value`` columns, one row per channel.
+def embedding_tsv(vector: np.ndarray, names: list[str] | None = None) -> str:
+    """The TSV text of an embedding: ``feature``/``value`` columns, one row per value.
 
-    >>> print(embedding_tsv(np.array([0.5, 1.25])), end="")
+    >>> print(embedding_tsv(np.array([0.5, 1.25]), ["stage0_mean_000", "stage0_std_000"]),
+    ...       end="")
     feature	value
-    bottleneck_000	0.5
-    bottleneck_001	1.25
+    stage0_mean_000	0.5
+    stage0_std_000	1.25
     """
+    names = names or [f"feature_{i:03d}" for i in range(len(vector))]
+    if len(names) != len(vector):
+        raise ValueError(f"{len(names)} names for {len(vector)} values")
     lines = ["feature\tvalue"]
-    lines += [f"{name}\t{float(v):.9g}" for name, v in zip(feature_names(len(vector)), vector)]
+    lines += [f"{name}\t{float(v):.9g}" for name, v in zip(names, vector)]
     return "\n".join(lines) + "\n"
 
 
 def embedding_sidecar(info: dict[str, Any]) -> dict[str, Any]:
     """The JSON sidecar of an embedding TSV: column docs plus how the vector was made."""
     return {
-        "Description": "Feature vector of the scan from the segmentation network's bottleneck "
-                       "(see docs/ood.md); its Mahalanobis distance to the model card's "
-                       "reference is the out-of-distribution score.",
-        "feature": {"Description": "bottleneck channel"},
-        "value": {"Description": "mean activation of the channel (arbitrary units)"},
+        "Description": "Feature vector of the scan from the segmentation network's encoder "
+                       "stages (see docs/ood.md); its distance to the model card's reference "
+                       "is the out-of-distribution score.",
+        "feature": {"Description": "stageK_mean_C / stageK_std_C: mean / standard deviation "
+                                   "over space of channel C of encoder stage K (0: full "
+                                   "resolution; the last: the bottleneck)"},
+        "value": {"Description": "activation statistic, averaged over the tiles in the brain "
+                                 "(arbitrary units)"},
         **info,
     }
 
@@ -204,7 +264,7 @@ def embedding_sidecar(info: dict[str, Any]) -> dict[str, Any]:
 def parse_embedding_tsv(text: str) -> np.ndarray:
     """The vector from an embedding TSV's text (raises ValueError when it is not one).
 
-    >>> parse_embedding_tsv("feature\\tvalue\\nbottleneck_000\\t2\\n").tolist()
+    >>> parse_embedding_tsv("feature\\tvalue\\nstage0_mean_000\\t2\\n").tolist()
     [2.0]
     """
     lines = [ln for ln in text.splitlines() if ln.strip()]

@@ -10,7 +10,7 @@ probabilities are mapped back to the voxel order and affine of the input image.
 Each fold runs once. The ensemble map averages the folds' logits before the softmax (as
 nnU-Net does); per-fold maps come from each fold's own logits, for lesion uncertainty.
 
-During one fold's sliding window a hook records the bottleneck features of the scan
+During one fold's sliding window hooks record the encoder features of the scan
 (:mod:`cl_bidsapp.models.embedding`); their distance to the model card's reference is the
 out-of-distribution score (:mod:`cl_bidsapp.models.calibration`).
 """
@@ -29,7 +29,7 @@ import numpy as np
 from cl_bidsapp.errors import InputDataError, TemporaryFailure, UsageError
 from cl_bidsapp.models import nnunet_backend as backend
 from cl_bidsapp.models.calibration import embedding_fold, embedding_provenance, ood_record
-from cl_bidsapp.models.embedding import BottleneckCapture
+from cl_bidsapp.models.embedding import FeatureCapture
 from cl_bidsapp.models.registry import InstalledModel, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -59,10 +59,10 @@ class PredictionResult:
     seconds : float
         Wall time of the prediction (reading, preprocessing, network, resampling).
     embedding : numpy.ndarray or None
-        Bottleneck feature vector of the scan (None when the predictor was made with
+        Encoder feature vector of the scan (None when the predictor was made with
         ``embed=False``).
     embedding_info : dict
-        Layer, pooling, tiles, fold and checkpoint sha256 of the embedding.
+        Layers, pooling, channels, blocks, tiles, fold and checkpoint sha256 of the embedding.
     ood : dict
         Out-of-distribution score, threshold and verdict (see
         :func:`cl_bidsapp.models.calibration.ood_record`).
@@ -137,7 +137,7 @@ class CLPredictor:
     threads : int, optional
         CPU threads for PyTorch during prediction (default: leave PyTorch's setting).
     embed : bool
-        Capture the bottleneck embedding and score it against the card's reference.
+        Capture the encoder embedding and score it against the card's reference.
     """
 
     def __init__(self, model: InstalledModel | str | Path | None = None, device: str = "auto",
@@ -257,7 +257,7 @@ class CLPredictor:
                     self._dataset_json)
             data = torch.from_numpy(data)
             embed_fold = embedding_fold(self.model, self.folds) if self.embed else None
-            capture = BottleneckCapture(nonzero[0] >= 0) if self.embed else None
+            capture = FeatureCapture(nonzero[0] >= 0) if self.embed else None
             fold_logits = [self._fold_logits(params, data,
                                              capture if fold == embed_fold else None)
                            for fold, params in zip(self.folds, self._parameters)]

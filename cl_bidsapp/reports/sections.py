@@ -116,8 +116,8 @@ def _fmt(value: Any, digits: int = 1) -> str:
 def ood_line(ood: dict[str, Any]) -> str:
     """The out-of-distribution score in words: score, threshold, verdict (docs/ood.md).
 
-    >>> ood_line({"score": 12.3, "threshold": 9.8, "verdict": "outside"})
-    "12.3 (threshold 9.8): outside the model's domain"
+    >>> ood_line({"score": 3.412, "threshold": 1.62, "verdict": "outside"})
+    "3.41 (threshold 1.62): outside the model's domain"
     >>> ood_line({"score": None, "verdict": "unknown", "note": "no reference"})
     'not scored: no reference'
     """
@@ -125,7 +125,7 @@ def ood_line(ood: dict[str, Any]) -> str:
     if score is None:
         return f"not scored: {ood.get('note') or 'no reference distribution'}"
     words = {"inside": "inside the model's domain", "outside": "outside the model's domain"}
-    return (f"{_fmt(score)} (threshold {_fmt(threshold)}): "
+    return (f"{_fmt(score, 2)} (threshold {_fmt(threshold, 2)}): "
             f"{words.get(ood.get('verdict'), 'no threshold')}")
 
 
