@@ -1,8 +1,10 @@
 """Cost of the encoder embedding (OOD score) during prediction, in one process.
 
-Runs ``CLPredictor.predict`` on the same image with the embedding hook on and off, alternating
+Runs ``CLPredictor.predict`` on the same image with the embedding hooks on and off, alternating
 (so load on a shared machine hits both alike), and prints the median wall times and their
-ratio (target: under 1.05).
+ratio (target: under 1.05); then times the hook bodies and the final pooling inside the same
+predictions and prints their share of the prediction time, which load from other jobs cannot
+skew the way it skews two separate timings.
 
 Examples::
 
@@ -210,6 +212,7 @@ def main(argv=None) -> int:
             result = predictor.predict(image)
             times[name].append(time.perf_counter() - t)
             print(f"  {name}: {times[name][-1]:.3f} s", flush=True)
+    hook_s, pooling_s, total_s = hook_share(on, image, args.repeats)
     info = on.predict(image).embedding_info
     print(f"model {model.name}, image {'x'.join(map(str, image.shape))} at "
           f"{args.voxel_size} mm, device {args.device}, TTA {'on' if args.tta else 'off'}, "
@@ -220,7 +223,49 @@ def main(argv=None) -> int:
               f"({', '.join(f'{v:.3f}' for v in values)})")
     ratio = statistics.median(times["with hook"]) / statistics.median(times["without"])
     print(f"ratio with/without hook: {ratio:.3f} (target < 1.05)")
+    print(f"time inside the hooks: {hook_s:.3f} s + final pooling {pooling_s:.3f} s of "
+          f"{total_s:.3f} s per prediction = {100 * (hook_s + pooling_s) / total_s:.2f} % "
+          "(measured inside the same runs, so load from other jobs does not skew it)")
     return 0
+
+
+def hook_share(predictor, image, repeats: int) -> tuple[float, float, float]:
+    """Median seconds spent inside the embedding hooks and in the final pooling, and the
+    median prediction time, from the same runs (timers around the hook bodies)."""
+    from cl_bidsapp.models import embedding
+
+    original_hook, original_embedding = embedding.FeatureCapture._hook, \
+        embedding.FeatureCapture.embedding
+    spent = {"hook": 0.0, "pool": 0.0}
+
+    def timed_hook(self, stage):
+        body = original_hook(self, stage)
+
+        def hook(*a):
+            t = time.perf_counter()
+            body(*a)
+            spent["hook"] += time.perf_counter() - t
+        return hook
+
+    def timed_embedding(self):
+        t = time.perf_counter()
+        out = original_embedding(self)
+        spent["pool"] += time.perf_counter() - t
+        return out
+
+    rows = []
+    embedding.FeatureCapture._hook = timed_hook
+    embedding.FeatureCapture.embedding = timed_embedding
+    try:
+        for _ in range(repeats):
+            spent.update(hook=0.0, pool=0.0)
+            t = time.perf_counter()
+            predictor.predict(image)
+            rows.append((spent["hook"], spent["pool"], time.perf_counter() - t))
+    finally:
+        embedding.FeatureCapture._hook = original_hook
+        embedding.FeatureCapture.embedding = original_embedding
+    return tuple(statistics.median(r[i] for r in rows) for i in range(3))
 
 
 if __name__ == "__main__":
