@@ -12,9 +12,10 @@ are used, else all tiles.
 
 The vector is made of one block per stage (``stage0``: the channel means, then the channel
 standard deviations; then ``stage1`` ...). The early stages see the image's contrast, noise
-and texture; the bottleneck what the network makes of them. On the demo model only the early
-stages tell another field strength or sequence apart (docs/ood.md), which is why every stage
-is kept and scored on its own (:func:`cl_bidsapp.core.ood.ood_score`).
+and texture; the bottleneck what the network makes of them. On the demo model the first stage
+tells another field strength or sequence apart far better than the bottleneck (ROC AUC 1.00
+against 0.79 on phantoms, docs/ood.md), which is why every stage is kept and scored on its own
+(:func:`cl_bidsapp.core.ood.ood_score`).
 
 With several folds, the vector comes from one fold's network (the reference fold the model
 card's ``ood`` section names, else the first fold run): each fold's network has its own
