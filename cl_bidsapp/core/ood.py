@@ -18,8 +18,8 @@ mean of the eigenvalues left out, so nothing is lost when every non-zero directi
 A scan's vector may be made of *blocks* (one per network stage: the early stages carry the
 image's contrast and texture, the bottleneck what the network makes of it). Each block then
 gets its own reference and a *scale*, the median leave-one-out distance of the training scans
-(each scan's distance to the block's reference fitted without it); the scan's score is the largest scaled block distance (1 is a typical
-in-domain scan), so a scan unlike the training scans at any depth of the network stands out
+(each scan's distance to the block's reference fitted without it); the scan's score is the
+largest scaled block distance (1 is a typical in-domain scan), so a scan unlike the training scans at any depth of the network stands out
 (the multi-layer Mahalanobis score of Lee et al. 2018, NeurIPS, with an unsupervised
 combination: no out-of-domain scans are needed to calibrate it). A reference without blocks is
 one block of scale 1: its score is the plain Mahalanobis distance.
@@ -226,11 +226,7 @@ def reference_problems(reference: Any) -> list[str]:
     finite = all(np.all(np.isfinite(a)) for a in (mean, comps, var)) and math.isfinite(residual)
     if not finite:
         problems.append("ood has NaN or infinite values")
-    threshold = reference.get("threshold")
-    if threshold is not None and not (isinstance(threshold, (int, float))
-                                      and math.isfinite(threshold) and threshold > 0):
-        problems.append("ood.threshold must be a positive number")
-    return problems
+    return problems + _threshold_problems(reference)
 
 
 def mahalanobis(reference: dict, features) -> np.ndarray:
@@ -267,6 +263,15 @@ def mahalanobis(reference: dict, features) -> np.ndarray:
     return np.sqrt(np.maximum(d2, 0.0))
 
 
+def _threshold_problems(reference: dict) -> list[str]:
+    """The stored threshold, when there is one, must be a positive finite number."""
+    threshold = reference.get("threshold")
+    if threshold is not None and not (isinstance(threshold, (int, float))
+                                      and math.isfinite(threshold) and threshold > 0):
+        return ["ood.threshold must be a positive number"]
+    return []
+
+
 def _block_problems(reference: dict) -> list[str]:
     """:func:`reference_problems` for a reference made of blocks."""
     blocks = reference["blocks"]
@@ -295,11 +300,7 @@ def _block_problems(reference: dict) -> list[str]:
         if isinstance(scale, bool) or not (isinstance(scale, (int, float))
                                            and math.isfinite(scale) and scale > 0):
             problems.append(f"{where}.scale must be a positive number")
-    threshold = reference.get("threshold")
-    if threshold is not None and not (isinstance(threshold, (int, float))
-                                      and math.isfinite(threshold) and threshold > 0):
-        problems.append("ood.threshold must be a positive number")
-    return problems
+    return problems + _threshold_problems(reference)
 
 
 def n_features(reference: dict) -> int:
