@@ -83,6 +83,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="validation phantoms (another seed) to tune threshold and minimum size; "
                         "0 keeps --threshold/--min-size")
     p.add_argument("--version", default="1.0.0", help="model version for the card")
+    p.add_argument("--mine-every", type=int, default=0,
+                   help="every N iterations, predict each training lesion and centre patches "
+                        "more often on those still missed (0: never)")
+    p.add_argument("--init-from", type=Path, default=None, metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights (fine-tuning: same network, fresh "
+                        "optimiser and schedule)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted training from its checkpoint_latest.pth")
     p.add_argument("--export-only", metavar="CHECKPOINT", default=None,
@@ -202,9 +208,15 @@ def train(args, plans: dict) -> Path:
                                 patch=args.patch, learning_rate=args.lr,
                                 lesion_fraction=args.oversample,
                                 lesion_weight=args.lesion_weight, seed=args.seed,
-                                threads=args.threads)
+                                threads=args.threads, mine_every=args.mine_every)
+    init = None
+    if args.init_from:
+        import torch
+
+        init = torch.load(args.init_from, map_location="cpu",
+                          weights_only=False)["network_weights"]
     train_network(config["architecture"], cases, settings, folder / "checkpoint_latest.pth",
-                  resume=args.resume)
+                  resume=args.resume, init_weights=init)
     shutil.copyfile(folder / "checkpoint_latest.pth", folder / "checkpoint_final.pth")
     return folder
 
@@ -330,6 +342,8 @@ def main(argv=None) -> int:
     set_nnunet_environment(work)
     import torch
 
+    from cl_bidsapp.models.card import sha256_file
+
     started = time.time()
     timings = {}
     cached = (work / "phantoms").is_dir()  # a rerun in the same --work reuses earlier steps
@@ -358,6 +372,10 @@ def main(argv=None) -> int:
                              "decay, nnU-Net Dice+CE loss, no deep supervision)",
                      "iterations": args.iterations, "initial_lr": args.lr,
                      "lesion_centred_fraction": args.oversample,
+                     "hard_lesion_mining_every": args.mine_every,
+                     "initial_weights": (f"{args.init_from.name} (sha256 "
+                                         f"{sha256_file(args.init_from)[:12]})"
+                                         if args.init_from else "random"),
                      "loss": "Dice (batch) + CE (lesion weight "
                              f"{args.lesion_weight:g})",
                      "augmentation": "flips on 3 axes, intensity scale/shift/noise in brain",

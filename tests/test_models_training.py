@@ -60,3 +60,45 @@ def test_lesion_patches_visit_small_lesions_as_often_as_large_ones():
     # with a jitter of at most 2 voxels, a patch holding voxel (5, 5, 5) cannot reach the cube
     small = sum(1 for patch in y[:, 0] if 0 < patch.sum() <= 1)
     assert 60 <= small <= 140
+
+
+def test_hard_lesion_mining_samples_the_missed_lesion_more_often():
+    # two lesions in halves of different brightness: after the network is found to miss the
+    # second, patches centre on it far more often than on the first
+    image = np.ones((40, 40, 40), np.float32)
+    image[20:] = 5.0
+    lesion = np.zeros(image.shape, bool)
+    lesion[6, 6, 6] = lesion[33, 33, 33] = True
+    sampler = PatchSampler([(image, lesion)], 8, 1.0, np.random.default_rng(5))
+
+    def second_share():
+        x, _ = sampler.batch(400)
+        return float((x.reshape(400, -1).mean(1) > 3).mean())
+
+    assert 0.35 < second_share() < 0.65  # before mining: each lesion equally likely
+    sampler.set_difficulty(np.array([0.0, 1.0]))
+    assert second_share() > 0.75  # 1.2 / 1.4 of lesion patches
+    sampler.set_difficulty(np.array([0.0, 0.0]))
+    assert 0.35 < second_share() < 0.65  # both found: back to equal
+
+
+def test_lesion_difficulty_is_high_for_missed_and_low_for_found_lesions():
+    arch = tiny_plans(patch=(16, 16, 16))["configurations"]["3d_fullres"]["architecture"]
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    from cl_bidsapp.models.training import lesion_difficulty
+
+    network = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"],
+                                     arch["_kw_requires_import"], 1, 2, allow_init=True,
+                                     deep_supervision=False)
+    sampler = PatchSampler(toy_cases(), 16, 1.0, np.random.default_rng(0))
+    # a network whose last layer always says "lesion", then one that always says "background"
+    last = [m for m in network.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+    for bias, expected in (((-20.0, 20.0), 0.0), ((20.0, -20.0), 1.0)):
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.copy_(torch.tensor(bias))
+        difficulty = lesion_difficulty(network, sampler, batch=1)
+        assert difficulty.shape == (2,)
+        np.testing.assert_allclose(difficulty, expected, atol=1e-6)
+    assert network.training  # left in training mode
