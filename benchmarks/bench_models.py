@@ -4,7 +4,10 @@ Simulates held-out phantoms (a seed the training never saw) for each protocol, p
 the model through the app's predictor, applies the card's threshold and minimum lesion size
 (26-connected components), and scores each scan with the seed's lesion-wise metrics
 (``cl_bidsapp.core.metrics``). Prints one row per protocol in the shape of the seed's result
-table: per-scan mean and bootstrap standard error of F1, recall, precision and DSC.
+table: per-scan mean and bootstrap standard error of F1, recall, precision and DSC. A second
+table gives the detection rate (share of reference lesions found) and pooled F1 by cortical
+involvement (intracortical, leukocortical, from the simulator's tissue maps), the group level's
+error analysis (``cl_bidsapp.group.error_analysis``) applied to the same predictions.
 
 The model input is the UNI (MP2RAGE) or T1w (MPRAGE) image times the true brain mask, as in
 training; brain extraction errors are therefore not part of these figures.
@@ -36,7 +39,8 @@ TABLE_METRICS = ("f1", "recall", "precision", "dsc")
 
 def phantom_scans(protocol: str, n: int, voxel_size: float, seed: int, work: Path,
                   lesions: dict):
-    """Simulate ``n`` phantoms; yield (subject, masked input image, reference CL mask)."""
+    """Simulate ``n`` phantoms; yield (stem, masked input image, reference CL mask, brain mask,
+    tissue probability maps by tissue)."""
     from cl_bidsapp.simulate import simulate_dataset
 
     bids = work / protocol
@@ -55,27 +59,64 @@ def phantom_scans(protocol: str, n: int, voxel_size: float, seed: int, work: Pat
                            .dataobj) > 0
         img = nib.load(path)
         masked = nib.Nifti1Image(np.asarray(img.dataobj, np.float32) * brain, img.affine)
-        yield stem, masked, truth, brain
+        tissue = {t: str(reference / rel / f"{stem}_label-{t}_probseg.nii.gz")
+                  for t in ("GM", "WM", "CSF")}
+        yield stem, masked, truth, brain, tissue
 
 
 def evaluate(predictor, protocol: str, n: int, voxel_size: float, seed: int,
-             work: Path, lesions: dict) -> pd.DataFrame:
+             work: Path, lesions: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-scan scores, and per-lesion rows of the error analysis, of one protocol."""
     from cl_bidsapp.core.components import lesion_instances
-    from cl_bidsapp.core.metrics import scan_scores
+    from cl_bidsapp.core.metrics import lesion_detection, scan_scores
+    from cl_bidsapp.group.error_analysis import image_lesion_rows
 
     model = predictor.model
-    rows = []
-    for stem, image, truth, brain in phantom_scans(protocol, n, voxel_size, seed, work,
-                                                   lesions):
+    rows, lesion_rows = [], []
+    for stem, image, truth, brain, tissue in phantom_scans(protocol, n, voxel_size, seed, work,
+                                                           lesions):
         result = predictor.predict(image)
         probability = result.probability.get_fdata(dtype=np.float32)
         instances = lesion_instances(probability, model.recommended_threshold,
                                      model.recommended_min_size_voxels)
         scores = scan_scores(instances > 0, truth, probability=probability, brain_mask=brain)
         rows.append({"protocol": protocol, "scan": stem, "seconds": result.seconds, **scores})
+        name = f"{protocol}/{stem}"
+        found, _ = image_lesion_rows({"bids_name": name, "tissue": tissue}, instances > 0, truth,
+                                     lesion_detection(instances > 0, truth).records, image,
+                                     probability=probability, brain=brain)
+        lesion_rows += [dict(r, protocol=protocol) for r in found]
         log.info("%s %s: F1 %.2f (TP %d FP %d US %d FN %d)", protocol, stem, scores["f1"],
                  scores["tp"], scores["fp"], scores["us"], scores["fn"])
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows), pd.DataFrame(lesion_rows)
+
+
+def involvement_table(scans: pd.DataFrame, lesions: pd.DataFrame) -> pd.DataFrame:
+    """Detection rate and pooled F1 by cortical involvement, per protocol."""
+    from cl_bidsapp.core.lesion_strata import stratified_detection
+
+    images = scans.assign(bids_name=scans.protocol + "/" + scans.scan)
+    parts = []
+    for protocol in [IN_DOMAIN, *OUT_OF_DOMAIN]:
+        mine = images[images.protocol == protocol]
+        if mine.empty or lesions.empty:
+            continue
+        table = stratified_detection(lesions[lesions.protocol == protocol], mine,
+                                     "stratum_involvement", "involvement")
+        parts.append(table.assign(data=protocol))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def format_involvement(table: pd.DataFrame, markdown: bool = False) -> str:
+    head = ["data", "involvement", "reference lesions", "detected", "detection rate", "FP",
+            "F1"]
+    def score(value, se):
+        return "n/a" if pd.isna(value) else f"{value:.2f} ± {se:.2f}"
+
+    lines = [[r.data, r.group, str(r.n_reference), str(r.detected),
+              score(r.detection_rate, r.detection_rate_se), str(r.fp), score(r.f1, r.f1_se)]
+             for r in table.itertuples()]
+    return _format(head, lines, markdown)
 
 
 def summary_table(scans: pd.DataFrame) -> pd.DataFrame:
@@ -110,6 +151,10 @@ def format_table(table: pd.DataFrame, markdown: bool = False) -> str:
         cells = [r.domain, r.data, str(r.scans), str(r.lesions)]
         cells += [f"{r[m]:.2f} ± {r[m + '_se']:.2f}" for m in TABLE_METRICS]
         lines.append(cells)
+    return _format(head, lines, markdown)
+
+
+def _format(head: list[str], lines: list[list[str]], markdown: bool) -> str:
     if markdown:
         out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         out += ["| " + " | ".join(c) + " |" for c in lines]
@@ -151,9 +196,10 @@ def main(argv=None) -> int:
                             threads=args.threads)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-models-"))
     start = time.time()
-    scans = pd.concat([evaluate(predictor, p, args.n, args.voxel_size, args.seed + i, work,
-                                lesions) for i, p in enumerate(args.protocols)],
-                      ignore_index=True)
+    results = [evaluate(predictor, p, args.n, args.voxel_size, args.seed + i, work, lesions)
+               for i, p in enumerate(args.protocols)]
+    scans = pd.concat([r[0] for r in results], ignore_index=True)
+    lesion_rows = pd.concat([r[1] for r in results], ignore_index=True)
     if args.csv:
         scans.to_csv(args.csv, index=False)
     print(f"model {model.name} {model.version} (sha256 {model.sha256[:12]}), "
@@ -162,6 +208,10 @@ def main(argv=None) -> int:
           f"min size {model.recommended_min_size_voxels} voxels, lesions {lesions or 'default'}; "
           f"mean ± bootstrap SE over scans; {time.time() - start:.0f} s")
     print(format_table(summary_table(scans), markdown=args.markdown))
+    involvement = involvement_table(scans, lesion_rows)
+    if not involvement.empty:
+        print("\nby cortical involvement (pooled over scans; bootstrap SE):")
+        print(format_involvement(involvement, markdown=args.markdown))
     return 0
 
 
