@@ -42,7 +42,7 @@ STAGES = [("startup", "startup: arguments, BIDS index, model check"),
           ("segment", "nnU-Net: prediction"),
           ("find_lesions", "post-processing (lesions)"),
           ("save_derivatives", "derivatives"),
-          ("report", "report (HTML)")]
+          ("subject_report", "report (HTML)")]
 
 
 def rss_mb() -> float:
@@ -106,7 +106,8 @@ def profile_app(bids: Path, work: Path, model: str, device: str, folds, tta: boo
     participant._Progress = Recorder
     predictor.CLPredictor = type("CLPredictor", (predictor.CLPredictor,), {
         "__init__": timed("model_load", predictor.CLPredictor.__init__)})
-    reports.build_subject_reports = timed("report", reports.build_subject_reports)
+    # the workflow writes the page (node subject_report); the main process only for failures
+    reports.build_subject_reports = timed("subject_report", reports.build_subject_reports)
     work.mkdir(parents=True, exist_ok=True)
     plugin = work / "linear.yml"
     plugin.write_text("plugin: Linear\n")

@@ -63,6 +63,16 @@ def test_participant_run_writes_pages_that_state_what_it_recorded(real_run):
     assert not re.search(r"https?:", html)
 
 
+def test_pages_of_finished_subjects_are_written_inside_the_workflow(real_run):
+    out, common = real_run
+    work = common[4]
+    made = {p.parent.parent.name for p in work.rglob("subject_report/result_subject_report.pklz")}
+    # sub-01's page was written as soon as its image was saved; sub-02 failed, so its page
+    # (with the failure, recorded after the run) was built by the main process at the end
+    assert made == {"sub_01_wf"}
+    assert (out / "sub-01.html").stat().st_mtime < (out / "sub-02.html").stat().st_mtime
+
+
 def test_failed_subject_page_names_the_reason_and_crash_file(real_run):
     out, _ = real_run
     html = (out / "sub-02.html").read_text()

@@ -119,10 +119,17 @@ def run(settings) -> int:
     if "participant" in settings.levels:
         from cl_bidsapp.cli.participant import run_participant
 
+        started = time.time()
         failures = run_participant(settings, items, raw_description)
         if failures:
             code = report_failures(failures, len(items))
-        code = build_reports(settings, subjects) or code
+        # the workflow wrote each subject's page once its images were saved; subjects with a
+        # failed or unusable image (whose records came later) and pages it could not write
+        # are built now
+        failed = {f.item.subject for f in failures}
+        done = [s for s in subjects if s not in failed
+                and _written_since(settings.output_dir / f"sub-{s}.html", started)]
+        code = build_reports(settings, [s for s in subjects if s not in done], done) or code
     if "group" in settings.levels:
         from cl_bidsapp.group import run_group_level
 
@@ -130,12 +137,26 @@ def run(settings) -> int:
     return code
 
 
-def build_reports(settings, subjects: list[str]) -> int:
-    """Write each subject's HTML page and logs/CITATION.md; a report bug never hides results."""
-    from cl_bidsapp.reports import build_subject_reports
-
+def _written_since(path: Path, started: float) -> bool:
     try:
-        pages = build_subject_reports(settings.output_dir, subjects, settings.run_id)
+        return path.stat().st_mtime >= started
+    except OSError:
+        return False
+
+
+def build_reports(settings, subjects: list[str], written: list[str] = ()) -> int:
+    """Write each subject's HTML page and logs/CITATION.md; a report bug never hides results.
+
+    ``written`` are subjects whose page the workflow has already written in this run.
+    """
+    from cl_bidsapp.reports import build_subject_reports, write_citation
+
+    pages = [settings.output_dir / f"sub-{s}.html" for s in written]
+    try:
+        if subjects:
+            pages += build_subject_reports(settings.output_dir, subjects, settings.run_id)
+        elif pages:
+            write_citation(settings.output_dir)
     except CLBidsAppError as err:
         _say_error(err)
         return int(err.exit_code)

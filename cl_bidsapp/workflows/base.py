@@ -10,6 +10,7 @@ from nipype.pipeline import engine as pe
 from cl_bidsapp.bids.derivatives import source_entities
 from cl_bidsapp.bids.discovery import WorkItem
 from cl_bidsapp.interfaces.derivatives import SaveDerivatives
+from cl_bidsapp.interfaces.reports import SubjectReport
 from cl_bidsapp.workflows.anat import init_anat_preproc_wf
 from cl_bidsapp.workflows.segmentation import init_cl_segmentation_wf
 
@@ -67,8 +68,9 @@ def init_cl_wf(items: list[WorkItem], opts: ParticipantOptions, name: str = "cl_
     ...                   entities={"sub": "02"}, source_suffix="UNIT1")]
     >>> opts = ParticipantOptions(Path("/o"), Path("/b"), "run1", "/m", {}, 0.5, "3")
     >>> wf = init_cl_wf(items, opts)
-    >>> [n for n in wf.list_node_names() if n.endswith("save_derivatives")]
-    ['sub_01_wf.sub_01_T1w_wf.save_derivatives', 'sub_02_wf.sub_02_UNIT1_wf.save_derivatives']
+    >>> [n for n in wf.list_node_names() if n.endswith(("save_derivatives", "report"))]
+    ['sub_01_wf.sub_01_T1w_wf.save_derivatives', 'sub_01_wf.subject_report', \
+'sub_02_wf.sub_02_UNIT1_wf.save_derivatives', 'sub_02_wf.subject_report']
     """
     wf = pe.Workflow(name=name)
     by_subject: dict[str, list[WorkItem]] = {}
@@ -80,10 +82,22 @@ def init_cl_wf(items: list[WorkItem], opts: ParticipantOptions, name: str = "cl_
 
 
 def init_single_subject_wf(subject: str, items: list[WorkItem], opts: ParticipantOptions):
-    """One subject: a branch per planned image (preprocess, segment, save)."""
+    """One subject: a branch per planned image (preprocess, segment, save), then its report.
+
+    The report node waits for every image record of the subject, so a subject's page is
+    written while the next subjects are still being processed (not all at the end).
+    """
+    from nipype.interfaces.utility import Merge
+
     wf = pe.Workflow(name=f"sub_{node_name(subject)}_wf")
-    for item in items:
-        wf.add_nodes([init_image_wf(item, opts)])
+    records = pe.Node(Merge(len(items)), name="records", run_without_submitting=True)
+    report = pe.Node(SubjectReport(output_dir=str(opts.output_dir), subject=subject,
+                                   run_id=opts.run_id),
+                     name="subject_report", mem_gb=0.5)
+    for index, item in enumerate(items, start=1):
+        image_wf = init_image_wf(item, opts)
+        wf.connect(image_wf, "save_derivatives.record", records, f"in{index}")
+    wf.connect(records, "out", report, "records")
     return wf
 
 
