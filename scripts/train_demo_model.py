@@ -213,8 +213,11 @@ def train(args, plans: dict) -> Path:
     if args.init_from:
         import torch
 
-        init = torch.load(args.init_from, map_location="cpu",
-                          weights_only=False)["network_weights"]
+        source = args.init_from.resolve()
+        if source.parent == folder.resolve():
+            sys.exit(f"--init-from {args.init_from}: this training run writes into that folder; "
+                     "copy the checkpoint elsewhere first")
+        init = torch.load(source, map_location="cpu", weights_only=False)["network_weights"]
     train_network(config["architecture"], cases, settings, folder / "checkpoint_latest.pth",
                   resume=args.resume, init_weights=init)
     shutil.copyfile(folder / "checkpoint_latest.pth", folder / "checkpoint_final.pth")
@@ -336,13 +339,15 @@ def _last(values):
 
 
 def main(argv=None) -> int:
+    from cl_bidsapp.models.card import sha256_file
+
     args = parse_args(argv)
+    # hashed now, before anything is trained, for the card
+    args.init_sha256 = sha256_file(args.init_from) if args.init_from else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     work = args.work.resolve()
     set_nnunet_environment(work)
     import torch
-
-    from cl_bidsapp.models.card import sha256_file
 
     started = time.time()
     timings = {}
@@ -374,7 +379,7 @@ def main(argv=None) -> int:
                      "lesion_centred_fraction": args.oversample,
                      "hard_lesion_mining_every": args.mine_every,
                      "initial_weights": (f"{args.init_from.name} (sha256 "
-                                         f"{sha256_file(args.init_from)[:12]})"
+                                         f"{args.init_sha256[:12]})"
                                          if args.init_from else "random"),
                      "loss": "Dice (batch) + CE (lesion weight "
                              f"{args.lesion_weight:g})",

@@ -102,3 +102,39 @@ def test_lesion_difficulty_is_high_for_missed_and_low_for_found_lesions():
         assert difficulty.shape == (2,)
         np.testing.assert_allclose(difficulty, expected, atol=1e-6)
     assert network.training  # left in training mode
+
+
+def test_mining_runs_on_schedule_for_fresh_fine_tuned_and_resumed_training(tmp_path,
+                                                                            monkeypatch):
+    import cl_bidsapp.models.training as training
+
+    calls = []
+
+    def fake_difficulty(network, sampler, batch=8):
+        calls.append(len(sampler.index))
+        return np.linspace(0, 1, len(sampler.index))
+
+    monkeypatch.setattr(training, "lesion_difficulty", fake_difficulty)
+    arch = tiny_plans(patch=(16, 16, 16))["configurations"]["3d_fullres"]["architecture"]
+
+    def run(iterations, checkpoint, **kwargs):
+        calls.clear()
+        settings = TrainingSettings(iterations=iterations, batch_size=1, patch=16,
+                                    checkpoint_every=2, threads=1, mine_every=2)
+        state = train_network(arch, toy_cases(), settings, checkpoint, **kwargs)
+        return list(calls), state
+
+    # a fresh network is not mined at iteration 0 (its guesses are random), then every 2
+    fresh, state = run(5, tmp_path / "a.pth")
+    assert fresh == [2, 2]  # iterations 2 and 4; two toy lesions each time
+    # fine-tuning from given weights mines at once
+    tuned, _ = run(3, tmp_path / "b.pth", init_weights=state["network_weights"])
+    assert tuned == [2, 2]  # iterations 0 and 2
+    # a resumed run mines at the iteration it resumes from (the weights are not saved)
+    resumed, _ = run(6, tmp_path / "b.pth", resume=True)
+    assert resumed == [2, 2]  # iterations 3 (resume) and 4
+    # no mining when mine_every is 0
+    calls.clear()
+    train_network(arch, toy_cases(), TrainingSettings(iterations=3, batch_size=1, patch=16,
+                                                      threads=1), tmp_path / "c.pth")
+    assert calls == []

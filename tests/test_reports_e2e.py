@@ -110,3 +110,30 @@ def test_reports_only_rebuilds_pages_without_touching_derivatives(real_run):
     assert (out / "sub-01.html").read_text() == first
     assert (out / "sub-02.html").is_file()
     assert digests() == before
+
+
+def test_a_crashing_report_node_neither_fails_the_run_nor_loses_the_page(
+        phantom_2mm, tiny_model, tmp_path, monkeypatch, capfd):
+    # a failure Nipype sees in the subject-level report node (not one the node catches itself,
+    # e.g. a worker killed or a broken import) must not turn a run whose every image succeeded
+    # into an error: the main process writes the page instead
+    from cl_bidsapp.cli.run import main
+    from cl_bidsapp.interfaces.reports import SubjectReport
+
+    def broken(self, runtime):
+        raise RuntimeError("report node broke")
+
+    monkeypatch.setattr(SubjectReport, "_run_interface", broken)
+    plugin = tmp_path / "linear.yml"
+    plugin.write_text("plugin: Linear\n")
+    out = tmp_path / "out"
+    code = main([str(phantom_2mm), str(out), "participant", "--participant-label", "01",
+                 "-w", str(tmp_path / "work"), "--skip-bids-validation",
+                 "--model", str(tiny_model), "--no-tta", "--folds", "0",
+                 "--tile-step-size", "1", "--use-plugin", str(plugin),
+                 "-d", f"masks={phantom_2mm / 'derivatives' / 'reference'}"])
+    assert code == 0
+    assert json.loads((out / "sub-01/log/sub-01_UNIT1_record.json").read_text())["status"] != \
+        "failed"
+    assert (out / "sub-01.html").is_file() and (out / "logs" / "CITATION.md").is_file()
+    assert "sub_01_wf.subject_report failed" in capfd.readouterr().err

@@ -360,7 +360,14 @@ def run_participant(settings, items: list[WorkItem], raw_description: dict) -> l
                                    f"hint: {OOM_ADVICE}")
                 failure.exit_code = int(ExitCode.TEMPORARY)
     if run_error is not None and not failures:
-        raise run_error
+        crashed = [_read_crash(c)[0] for c in sorted(crash_dir.glob("crash-*.txt"))]
+        if not crashed or any(progress.item_of(node) is not None for node in crashed):
+            raise run_error
+        # only subject-level nodes (the report) failed: every image is done and the main
+        # process rebuilds the pages
+        LOGGER.warning("every image was processed, but the workflow could not finish: %s "
+                       "failed (the reports are rebuilt at the end of the run)",
+                       ", ".join(sorted(set(crashed))))
     failures = unusable + failures
     for failure in failures:
         _record_failure(failure, settings)

@@ -3,13 +3,17 @@
 A subject's page used to be written after the whole participant run, one subject after the
 other in the main process (about 2 s each). Inside the workflow it is built while other
 subjects are still being segmented. The page is never worth failing a run for: an error here
-is returned as text, and the participant level rebuilds (and explains) any page this node did
-not write (:func:`cl_bidsapp.cli.run.build_reports`).
+is logged and returned as text, and the main process rebuilds any page this node did not write
+(:func:`cl_bidsapp.cli.run.build_reports`), saying what failed if it fails again.
 """
 from __future__ import annotations
 
+import logging
+
 from nipype.interfaces.base import (BaseInterfaceInputSpec, Directory, File, InputMultiObject,
                                     SimpleInterface, TraitedSpec, traits)
+
+logger = logging.getLogger(__name__)
 
 
 class _SubjectReportInputSpec(BaseInterfaceInputSpec):
@@ -33,13 +37,16 @@ class SubjectReport(SimpleInterface):
     output_spec = _SubjectReportOutputSpec
 
     def _run_interface(self, runtime):
-        from cl_bidsapp.reports import build_subject_report
-
         run_id = self.inputs.run_id or None
         try:
+            from cl_bidsapp.reports import build_subject_report
+
             page = build_subject_report(self.inputs.output_dir, self.inputs.subject, run_id)
         except Exception as exc:  # noqa: BLE001 - the main process retries and reports it
-            self._results.update(page="", error=f"{type(exc).__name__}: {exc}")
+            error = f"{type(exc).__name__}: {exc}"
+            logger.warning("sub-%s: the report could not be written in the workflow (%s); "
+                           "it is retried at the end of the run", self.inputs.subject, error)
+            self._results.update(page="", error=error)
         else:
             self._results.update(page=str(page), error="")
         return runtime

@@ -99,7 +99,10 @@ class PatchSampler:
         """
         difficulty = np.asarray(difficulty, float)
         if difficulty.shape != (len(self.index),):
-            raise ValueError(f"{difficulty.shape[0]} difficulties for {len(self.index)} lesions")
+            raise ValueError(f"difficulties of shape {difficulty.shape} for "
+                             f"{len(self.index)} lesions")
+        if not floor > 0:
+            raise ValueError(f"floor must be > 0, not {floor}")
         weights = floor + np.clip(difficulty, 0.0, 1.0)
         self.lesion_weights = weights / weights.sum()
 
@@ -130,15 +133,18 @@ class PatchSampler:
         for _ in range(size):
             i = int(rng.integers(len(self.cases)))
             lesion_centred = rng.random() < self.lesion_fraction
+            # (the uniform branch draws in the order versions <= 1.1.0 of the demo model were
+            # trained with, so their recorded seeds still reproduce them)
             if lesion_centred and self.lesion_weights is not None:
                 i, k = self.index[int(rng.choice(len(self.index), p=self.lesion_weights))]
+                jitter = rng.integers(-self.patch // 4, self.patch // 4 + 1, 3)
             elif lesion_centred and len(self.lesions[i]):
+                jitter = rng.integers(-self.patch // 4, self.patch // 4 + 1, 3)
                 k = int(rng.integers(len(self.lesions[i])))
             else:
                 lesion_centred = False
             image, seg = self.cases[i]
             if lesion_centred:
-                jitter = rng.integers(-self.patch // 4, self.patch // 4 + 1, 3)
                 voxels = self.lesions[i][k]
                 centre = voxels[rng.integers(len(voxels))] + jitter
             elif len(self.brain[i]):
