@@ -4,10 +4,11 @@ Simulates held-out phantoms (a seed the training never saw) for each protocol, p
 the model through the app's predictor, applies the card's threshold and minimum lesion size
 (26-connected components), and scores each scan with the seed's lesion-wise metrics
 (``cl_bidsapp.core.metrics``). Prints one row per protocol in the shape of the seed's result
-table: per-scan mean and bootstrap standard error of F1, recall, precision and DSC. A second
-table gives the detection rate (share of reference lesions found) and pooled F1 by cortical
-involvement (intracortical, leukocortical, from the simulator's tissue maps), the group level's
-error analysis (``cl_bidsapp.group.error_analysis``) applied to the same predictions.
+table: per-scan mean and bootstrap standard error of F1, recall, precision and DSC. The second
+and third table give the detection rate (share of reference lesions found) and pooled F1 by
+cortical involvement (intracortical, leukocortical, from the simulator's tissue maps) and by
+depth below the brain-mask surface: the group level's error analysis
+(``cl_bidsapp.group.error_analysis``) applied to the same predictions.
 
 The model input is the UNI (MP2RAGE) or T1w (MPRAGE) image times the true brain mask, as in
 training; brain extraction errors are therefore not part of these figures.
@@ -91,25 +92,34 @@ def evaluate(predictor, protocol: str, n: int, voxel_size: float, seed: int,
     return pd.DataFrame(rows), pd.DataFrame(lesion_rows)
 
 
-def involvement_table(scans: pd.DataFrame, lesions: pd.DataFrame) -> pd.DataFrame:
-    """Detection rate and pooled F1 by cortical involvement, per protocol."""
-    from cl_bidsapp.core.lesion_strata import stratified_detection
+def strata_tables(scans: pd.DataFrame, lesions: pd.DataFrame) -> pd.DataFrame:
+    """Detection rate and pooled F1 by cortical involvement and by depth below the brain
+    surface, per protocol (column ``grouping``: involvement / depth)."""
+    from cl_bidsapp.core.lesion_properties import INVOLVEMENTS
+    from cl_bidsapp.core.lesion_strata import (DEPTH_BIN_LABELS, depth_bin,
+                                               stratified_detection)
 
+    if lesions.empty:
+        return pd.DataFrame()
     images = scans.assign(bids_name=scans.protocol + "/" + scans.scan)
+    lesions = lesions.assign(depth_bin=[depth_bin(d) for d in
+                                        lesions["stratum_surface_distance_mm"]])
     parts = []
-    for protocol in [IN_DOMAIN, *OUT_OF_DOMAIN]:
-        mine = images[images.protocol == protocol]
-        if mine.empty or lesions.empty:
-            continue
-        table = stratified_detection(lesions[lesions.protocol == protocol], mine,
-                                     "stratum_involvement", "involvement")
-        parts.append(table.assign(data=protocol))
+    for column, grouping, order in (("stratum_involvement", "involvement", INVOLVEMENTS),
+                                    ("depth_bin", "depth", DEPTH_BIN_LABELS)):
+        for protocol in [IN_DOMAIN, *OUT_OF_DOMAIN]:
+            mine = images[images.protocol == protocol]
+            if mine.empty:
+                continue
+            table = stratified_detection(lesions[lesions.protocol == protocol], mine, column,
+                                         grouping, order=order)
+            parts.append(table.assign(data=protocol))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
-def format_involvement(table: pd.DataFrame, markdown: bool = False) -> str:
-    head = ["data", "involvement", "reference lesions", "detected", "detection rate", "FP",
-            "F1"]
+def format_strata(table: pd.DataFrame, markdown: bool = False) -> str:
+    head = ["data", table.grouping.iloc[0], "reference lesions", "detected", "detection rate",
+            "FP", "F1"]
     def score(value, se):
         return "n/a" if pd.isna(value) else f"{value:.2f} ± {se:.2f}"
 
@@ -208,10 +218,12 @@ def main(argv=None) -> int:
           f"min size {model.recommended_min_size_voxels} voxels, lesions {lesions or 'default'}; "
           f"mean ± bootstrap SE over scans; {time.time() - start:.0f} s")
     print(format_table(summary_table(scans), markdown=args.markdown))
-    involvement = involvement_table(scans, lesion_rows)
-    if not involvement.empty:
-        print("\nby cortical involvement (pooled over scans; bootstrap SE):")
-        print(format_involvement(involvement, markdown=args.markdown))
+    strata = strata_tables(scans, lesion_rows)
+    titles = {"involvement": "by cortical involvement",
+              "depth": "by depth below the brain surface (mm, the lesion's closest voxel)"}
+    for grouping, table in (strata.groupby("grouping", sort=False) if not strata.empty else ()):
+        print(f"\n{titles[grouping]} (pooled over scans; bootstrap SE):")
+        print(format_strata(table, markdown=args.markdown))
     return 0
 
 

@@ -254,6 +254,10 @@ def test_every_lesion_gets_its_outcome_properties_and_stratum(case):
     assert pd.isna(ref.loc[2, "matched"])
     # B is one voxel from the brain's edge (k = 1); A's shallowest voxel is 2 voxels in
     assert ref["surface_distance_mm"].tolist() == pytest.approx([2, 1, 1])
+    # a found lesion is counted at the depth of the reference lesion it found, an FP at its own
+    assert pred.loc[1, "stratum_surface_distance_mm"] == pytest.approx(2)
+    assert pred.loc[2, "stratum_surface_distance_mm"] == pytest.approx(
+        pred.loc[2, "surface_distance_mm"])
     # the missed lesion: the model's probability there peaked at 0.3
     assert ref.loc[2, "prob_max"] == pytest.approx(0.3)
     # names and DDU from the participant table; a reference lesion takes its best match's DDU

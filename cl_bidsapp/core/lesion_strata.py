@@ -48,6 +48,10 @@ from cl_bidsapp.core.metrics import BOOTSTRAP_FRACTION, BOOTSTRAP_RESAMPLES
 #: Upper edges (mm³) of the lesion-size bins; the last bin is open.
 SIZE_BINS_MM3 = (10.0, 30.0, 100.0)
 SIZE_BIN_LABELS = ("<10", "10-30", "30-100", ">=100")
+#: Upper edges (mm) of the bins of a lesion's depth below the brain-mask surface (its closest
+#: voxel); at 2 mm the first bin holds the lesions that touch the surface.
+DEPTH_BINS_MM = (3.0, 6.0)
+DEPTH_BIN_LABELS = ("<3", "3-6", ">=6")
 COUNT_COLUMNS = ("n_reference", "detected", "reference_us", "fn", "tp", "us", "fp")
 STRATA_COLUMNS = ("grouping", "group", "n_images", *COUNT_COLUMNS, "detection_rate",
                   "detection_rate_se", "recall", "precision", "f1", "f1_se")
@@ -59,9 +63,22 @@ def size_bin(volume_mm3: float | None) -> str | None:
     >>> [size_bin(v) for v in (3, 10, 29.9, 30, 150, None)]
     ['<10', '10-30', '10-30', '30-100', '>=100', None]
     """
-    if volume_mm3 is None or not np.isfinite(volume_mm3):
+    return _bin(volume_mm3, SIZE_BINS_MM3, SIZE_BIN_LABELS)
+
+
+def depth_bin(depth_mm: float | None) -> str | None:
+    """The label of the bin of a depth below the brain surface in mm (None when unknown).
+
+    >>> [depth_bin(v) for v in (2.0, 3.0, 5.9, 6.0, None, float("nan"))]
+    ['<3', '3-6', '3-6', '>=6', None, None]
+    """
+    return _bin(depth_mm, DEPTH_BINS_MM, DEPTH_BIN_LABELS)
+
+
+def _bin(value: float | None, edges, labels) -> str | None:
+    if value is None or not np.isfinite(value):
         return None
-    return SIZE_BIN_LABELS[int(np.searchsorted(SIZE_BINS_MM3, float(volume_mm3), "right"))]
+    return labels[int(np.searchsorted(edges, float(value), "right"))]
 
 
 def pooled_scores(counts: np.ndarray) -> dict[str, np.ndarray]:

@@ -202,7 +202,8 @@ def _rows(bids_name, props, records, pred_lab, ref_lab, participant) -> list[dic
     for p, r in overlap:
         touched_by.setdefault(r, []).append(p)
     ref_props, pred_props = props["reference"], props["predicted"]
-    strata = {int(r): (size_bin(v["volume_mm3"]), v["involvement"], v["volume_mm3"])
+    strata = {int(r): (size_bin(v["volume_mm3"]), v["involvement"], v["volume_mm3"],
+                       v.get("surface_distance_mm"))
               for r, v in ref_props.iterrows()}
     rows = []
     for r, values in ref_props.iterrows():
@@ -215,7 +216,8 @@ def _rows(bids_name, props, records, pred_lab, ref_lab, participant) -> list[dic
     for p, values in pred_props.iterrows():
         outcome = kind.get(int(p), "FP")
         hits = sorted(r for (q, r) in overlap if q == int(p))
-        own = (size_bin(values["volume_mm3"]), values["involvement"], values["volume_mm3"])
+        own = (size_bin(values["volume_mm3"]), values["involvement"], values["volume_mm3"],
+               values.get("surface_distance_mm"))
         stratum = strata[stratum_source(hits, strata)] if hits else own
         info = participant.get(int(p), {})
         rows.append(_row(bids_name, "predicted", int(p), values, outcome, hits,
@@ -231,7 +233,8 @@ def _row(bids_name, source, number, values, outcome, matched, iou, ddu, name, st
            "iou_adj": iou}
     row.update({k: (v.item() if hasattr(v, "item") else v) for k, v in values.items()})
     row["uncertainty_ddu"] = ddu
-    row["size_bin"], row["stratum_involvement"], row["stratum_volume_mm3"] = stratum
+    (row["size_bin"], row["stratum_involvement"], row["stratum_volume_mm3"],
+     row["stratum_surface_distance_mm"]) = stratum
     return row
 
 
