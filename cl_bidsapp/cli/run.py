@@ -126,9 +126,11 @@ def run(settings) -> int:
         # the workflow wrote each subject's page once its images were saved; subjects with a
         # failed or unusable image (whose records came later) and pages it could not write
         # are built now
+        from cl_bidsapp.reports.subject import subject_page
+
         failed = {f.item.subject for f in failures}
         done = [s for s in subjects if s not in failed
-                and _written_since(settings.output_dir / f"sub-{s}.html", started)]
+                and _written_since(subject_page(settings.output_dir, s), started)]
         code = build_reports(settings, [s for s in subjects if s not in done], done) or code
     if "group" in settings.levels:
         from cl_bidsapp.group import run_group_level
@@ -150,8 +152,9 @@ def build_reports(settings, subjects: list[str], written: list[str] = ()) -> int
     ``written`` are subjects whose page the workflow has already written in this run.
     """
     from cl_bidsapp.reports import build_subject_reports, write_citation
+    from cl_bidsapp.reports.subject import subject_page
 
-    pages = [settings.output_dir / f"sub-{s}.html" for s in written]
+    pages = [subject_page(settings.output_dir, s) for s in written]
     try:
         if subjects:
             pages += build_subject_reports(settings.output_dir, subjects, settings.run_id)

@@ -106,8 +106,8 @@ class PatchSampler:
         weights = floor + np.clip(difficulty, 0.0, 1.0)
         self.lesion_weights = weights / weights.sum()
 
-    def lesion_patch(self, case: int, lesion: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The unaugmented patch centred on a lesion: image, mask of that lesion, its centre."""
+    def lesion_patch(self, case: int, lesion: int) -> tuple[np.ndarray, np.ndarray]:
+        """The unaugmented patch centred on a lesion: image, and the mask of that lesion."""
         voxels = self.lesions[case][lesion]
         centre = voxels[len(voxels) // 2]
         half = self.patch // 2
@@ -115,7 +115,7 @@ class PatchSampler:
         local = local[((local >= 0) & (local < self.patch)).all(1)]
         own = np.zeros((self.patch,) * 3, bool)
         own[tuple(local.T)] = True
-        return self._crop(self.cases[case][0], centre), own, centre
+        return self._crop(self.cases[case][0], centre), own
 
     def _crop(self, array: np.ndarray, centre) -> np.ndarray:
         half, out = self.patch // 2, np.zeros((self.patch,) * 3, array.dtype)
@@ -204,7 +204,7 @@ def lesion_difficulty(network, sampler: PatchSampler, batch: int = 8) -> np.ndar
             patches = [sampler.lesion_patch(i, k) for i, k in chunk]
             x = torch.from_numpy(np.stack([p[0] for p in patches])[:, None].astype(np.float32))
             probability = torch.softmax(network(x), 1)[:, 1].numpy()
-            for j, (_, own, _) in enumerate(patches):
+            for j, (_, own) in enumerate(patches):
                 out[start + j] = 1.0 - float(probability[j][own].max()) if own.any() else 0.0
     network.train(was_training)
     return out
@@ -271,9 +271,9 @@ def train_network(architecture: dict, cases, settings: TrainingSettings,
     started, losses, dice = time.time(), [], []
     base = history["seconds"][-1] if history["seconds"] else 0.0
     for iteration in range(first, settings.iterations):
-        # (mining a network's first, random guesses would tell nothing; a resumed run mines at once)
-        due = iteration % settings.mine_every == 0 or iteration == first if settings.mine_every \
-            else False
+        # every mine_every iterations and when a resumed run starts; never on the random guesses
+        # of a fresh network at iteration 0 (fine-tuned weights are mined at once)
+        due = settings.mine_every and (iteration % settings.mine_every == 0 or iteration == first)
         if due and sampler.index and (iteration > 0 or init_weights is not None):
             difficulty = lesion_difficulty(network, sampler)
             sampler.set_difficulty(difficulty)

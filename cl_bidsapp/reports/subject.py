@@ -53,6 +53,15 @@ def demo_warnings(sections) -> list[str]:
     return found
 
 
+def subject_page(output_dir: str | Path, subject: str) -> Path:
+    """Where a subject's page lives.
+
+    >>> subject_page("/out", "sub-01").as_posix()
+    '/out/sub-01.html'
+    """
+    return Path(output_dir) / f"sub-{_subject_label(subject)}.html"
+
+
 def build_subject_report(output_dir: str | Path, subject: str,
                          run_id: str | None = None) -> Path:
     """Write ``<output_dir>/sub-<subject>.html`` for every image record of the subject.
@@ -105,7 +114,7 @@ def build_subject_report(output_dir: str | Path, subject: str,
         methods=paragraphs, references=[REFERENCES[k][1] for k in cited_keys(paragraphs)],
         n_warnings=sum(len(s.warnings) for s in sections),
         citation_file="logs/CITATION.md")
-    page = write_text(output_dir / f"sub-{subject}.html", html)
+    page = write_text(subject_page(output_dir, subject), html)
     logger.info("sub-%s: report written in %.1f s (%d image(s), %d failed): %s", subject,
                 time.perf_counter() - start, len(sections), len(failed), page)
     return page
