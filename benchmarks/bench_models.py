@@ -96,14 +96,11 @@ def strata_tables(scans: pd.DataFrame, lesions: pd.DataFrame) -> pd.DataFrame:
     """Detection rate and pooled F1 by cortical involvement and by depth below the brain
     surface, per protocol (column ``grouping``: involvement / depth)."""
     from cl_bidsapp.core.lesion_properties import INVOLVEMENTS
-    from cl_bidsapp.core.lesion_strata import (DEPTH_BIN_LABELS, depth_bin,
-                                               stratified_detection)
+    from cl_bidsapp.core.lesion_strata import DEPTH_BIN_LABELS, stratified_detection
 
     if lesions.empty:
         return pd.DataFrame()
     images = scans.assign(bids_name=scans.protocol + "/" + scans.scan)
-    lesions = lesions.assign(depth_bin=[depth_bin(d) for d in
-                                        lesions["stratum_surface_distance_mm"]])
     parts = []
     for column, grouping, order in (("stratum_involvement", "involvement", INVOLVEMENTS),
                                     ("depth_bin", "depth", DEPTH_BIN_LABELS)):

@@ -258,6 +258,9 @@ def test_every_lesion_gets_its_outcome_properties_and_stratum(case):
     assert pred.loc[1, "stratum_surface_distance_mm"] == pytest.approx(2)
     assert pred.loc[2, "stratum_surface_distance_mm"] == pytest.approx(
         pred.loc[2, "surface_distance_mm"])
+    # depth bins: everything touches the surface layer except the FP three voxels in
+    assert ref["depth_bin"].tolist() == ["<3", "<3", "<3"]
+    assert pred["depth_bin"].tolist() == ["<3", "3-6", "<3"]
     # the missed lesion: the model's probability there peaked at 0.3
     assert ref.loc[2, "prob_max"] == pytest.approx(0.3)
     # names and DDU from the participant table; a reference lesion takes its best match's DDU
@@ -285,7 +288,9 @@ def test_a_grey_matter_map_alone_uses_the_brain_mask(case):
                                                              "intracortical"]
 
 
-def test_without_participant_extras_the_rows_are_still_written(case):
+def test_without_participant_extras_the_rows_are_still_written(case, tmp_path):
+    from cl_bidsapp.group.error_report import LesionRows, write_error_analysis
+
     for key in ("tissue", "lesion_dseg", "lesion_table", "probability", "brain_mask"):
         case[key] = None
     result = evaluate_image(case)
@@ -293,7 +298,16 @@ def test_without_participant_extras_the_rows_are_still_written(case):
     assert len(rows) == 6
     assert rows["involvement"].isna().all() and rows["prob_max"].isna().all()
     assert rows["surface_distance_mm"].isna().all() and rows["name"].isna().all()
+    assert rows["depth_bin"].isna().all()
     assert rows.loc["reference", "size_bin"].tolist() == ["10-30", "<10", "<10"]
+    # no tissue maps and no brain mask: the strata are by size only, not empty depth rows
+    image = {"bids_name": case["bids_name"], "site": None}
+    collected = LesionRows()
+    collected.add(image, result["lesions"])
+    block = write_error_analysis(tmp_path / "group", [image], collected)
+    strata = pd.read_csv(tmp_path / "group" / "group_evaluation_strata.tsv", sep="\t")
+    assert set(strata["grouping"]) == {"all", "size"}
+    assert [t["title"] for t in block["tables"]] == ["All lesions", "By lesion size (mm³)"]
 
 
 def test_images_without_any_lesion_still_give_the_tables(tmp_path):

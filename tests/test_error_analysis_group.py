@@ -18,7 +18,7 @@ import pytest
 from cl_bidsapp.cli.run import plan
 from cl_bidsapp.config import Settings
 from cl_bidsapp.core.components import lesion_instances
-from cl_bidsapp.core.lesion_strata import COUNT_COLUMNS
+from cl_bidsapp.core.lesion_strata import COUNT_COLUMNS, DEPTH_BIN_LABELS, depth_bin
 from cl_bidsapp.group import run_group_level
 from cl_bidsapp.group.testing import phantom_outputs
 from cl_bidsapp.simulate import simulate_dataset
@@ -69,6 +69,12 @@ def test_the_lesion_table_has_one_row_per_lesion_of_each_mask(finished):
         assert (part.site == row.site).all() and (part.contrast == row.contrast).all()
     assert (lesions["surface_distance_mm"] >= 0).all()
     assert lesions["sphericity"].between(0, 1).all()
+    # depth strata: reference lesions and FPs at their own depth, found ones at their reference's
+    own = lesions[(lesions.source == "reference") | (lesions.outcome == "FP")]
+    assert (own.stratum_surface_distance_mm == own.surface_distance_mm).all()
+    assert lesions.depth_bin.tolist() == [depth_bin(d) for d in
+                                          lesions.stratum_surface_distance_mm]
+    assert {"<3", ">=6"} <= set(lesions.depth_bin)
 
 
 def test_reference_involvement_agrees_with_the_simulator(finished):
@@ -96,12 +102,12 @@ def test_strata_add_up_to_the_totals(finished):
     strata = _tsv(group / "group_evaluation_strata.tsv")
     sidecar = json.loads((group / "group_evaluation_strata.json").read_text())
     assert list(strata.columns) == list(sidecar)
-    assert set(strata.grouping) == {"all", "size", "involvement", "site"}
+    assert set(strata.grouping) == {"all", "size", "involvement", "depth", "site"}
     total = strata[strata.grouping == "all"].iloc[0]
     evaluation = _tsv(group / "group_evaluation.tsv")
     assert total[["n_reference", "tp", "fp", "us", "fn"]].tolist() == (
         evaluation[["n_reference", "tp", "fp", "us", "fn"]].sum().tolist())
-    for grouping in ("size", "involvement", "site"):
+    for grouping in ("size", "involvement", "depth", "site"):
         part = strata[strata.grouping == grouping]
         assert part[list(COUNT_COLUMNS)].sum().tolist() == total[list(COUNT_COLUMNS)].tolist()
         assert (part.n_reference == part.detected + part.reference_us + part.fn).all()
@@ -109,6 +115,7 @@ def test_strata_add_up_to_the_totals(finished):
     assert sites.group.tolist() == ["site01", "site02", "site03"]
     assert sites.n_images.tolist() == [1, 1, 1]
     assert (strata[strata.grouping == "size"].n_images == 3).all()
+    assert strata[strata.grouping == "depth"].group.tolist() == list(DEPTH_BIN_LABELS)
     # the pooled detection rate of all lesions: detected / reference lesions
     assert total.detection_rate == pytest.approx(total.detected / total.n_reference)
     assert 0 < total.f1_se < 0.5
@@ -118,7 +125,8 @@ def test_the_report_shows_the_error_analysis_inline(finished):
     _, group = finished
     html = (group / "group_report.html").read_text()
     block = html.split('id="error-analysis"')[1].split("<h2")[0]
-    for title in ("By lesion size", "By cortical involvement", "By site"):
+    for title in ("By lesion size", "By cortical involvement", "By depth below the brain surface",
+                  "By site"):
         assert title in block
     assert re.search(r'<img alt="Detection rate[^"]*" src="data:image/png;base64,', block)
     assert "group_evaluation_lesions.tsv" in block

@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from cl_bidsapp.core.lesion_strata import size_bin
+from cl_bidsapp.core.lesion_strata import depth_bin, size_bin
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +235,7 @@ def _row(bids_name, source, number, values, outcome, matched, iou, ddu, name, st
     row["uncertainty_ddu"] = ddu
     (row["size_bin"], row["stratum_involvement"], row["stratum_volume_mm3"],
      row["stratum_surface_distance_mm"]) = stratum
+    row["depth_bin"] = depth_bin(row["stratum_surface_distance_mm"])
     return row
 
 

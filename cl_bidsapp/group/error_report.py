@@ -3,7 +3,7 @@
 :class:`LesionRows` collects the rows of :func:`cl_bidsapp.group.error_analysis.image_lesion_rows`
 image by image; :func:`write_error_analysis` writes ``group/group_evaluation_lesions.tsv``,
 ``group/group_evaluation_strata.tsv`` (detection rate and F1 by lesion-size bin, cortical
-involvement and site; :mod:`cl_bidsapp.core.lesion_strata`), their JSON sidecars and
+involvement, depth below the brain surface and site; :mod:`cl_bidsapp.core.lesion_strata`), their JSON sidecars and
 ``group/figures/group_desc-erroranalysis_plot.png``, and returns what the report shows.
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from cl_bidsapp.core.lesion_strata import (SIZE_BIN_LABELS, overall_detection,
-                                           stratified_detection)
+from cl_bidsapp.core.lesion_strata import (DEPTH_BIN_LABELS, SIZE_BIN_LABELS,
+                                           overall_detection, stratified_detection)
 from cl_bidsapp.group.error_analysis import IMAGE_COLUMNS
 
 logger = logging.getLogger(__name__)
@@ -26,8 +26,11 @@ logger = logging.getLogger(__name__)
 LESIONS_TABLE = "group_evaluation_lesions.tsv"
 STRATA_TABLE = "group_evaluation_strata.tsv"
 FIGURE = "group_desc-erroranalysis_plot.png"
+#: (lesion column, grouping name, order of its strata); a grouping whose column is n/a for
+#: every lesion (no tissue maps, no brain masks, no sites) is left out.
 _GROUPINGS = (("size_bin", "size", SIZE_BIN_LABELS),
-              ("stratum_involvement", "involvement", None), ("site", "site", None))
+              ("stratum_involvement", "involvement", None),
+              ("depth_bin", "depth", DEPTH_BIN_LABELS), ("site", "site", None))
 
 
 class LesionRows:
@@ -44,7 +47,8 @@ class LesionRows:
     (1, [['A', 'FN']])
     """
 
-    _SLIM = ("bids_name", "site", "source", "outcome", "size_bin", "stratum_involvement")
+    _SLIM = ("bids_name", "site", "source", "outcome", "size_bin", "stratum_involvement",
+             "depth_bin")
 
     def __init__(self) -> None:
         from cl_bidsapp.group.records import column_dictionary
@@ -114,14 +118,14 @@ def write_error_analysis(group_dir: Path, images: Sequence[dict], lesions: Lesio
 
 
 def strata_table(lesions: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
-    """All strata rows: ``all``, then by size bin, cortical involvement and site."""
+    """All strata rows: ``all``, then by size bin, cortical involvement, depth and site."""
     from cl_bidsapp.core.lesion_properties import INVOLVEMENTS
 
     parts = [overall_detection(lesions, images)]
     for column, grouping, order in _GROUPINGS:
         if column == "site" and not images["site"].notna().any():
             continue
-        if column == "stratum_involvement" and not lesions[column].notna().any():
+        if column in ("stratum_involvement", "depth_bin") and not lesions[column].notna().any():
             continue
         if grouping == "involvement":
             order = INVOLVEMENTS
@@ -130,7 +134,8 @@ def strata_table(lesions: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
 
 
 _TITLES = {"all": "All lesions", "size": "By lesion size (mm³)",
-           "involvement": "By cortical involvement", "site": "By site"}
+           "involvement": "By cortical involvement",
+           "depth": "By depth below the brain surface (mm)", "site": "By site"}
 
 
 def report_block(strata: pd.DataFrame, png: bytes | None, n_lesions: int,
@@ -163,7 +168,7 @@ def strata_figure(strata: pd.DataFrame) -> bytes | None:
     """Detection rate and F1 (± bootstrap SE) per stratum, one panel per grouping (PNG)."""
     from matplotlib.figure import Figure
 
-    groupings = [g for g in ("size", "involvement", "site") if (strata["grouping"] == g).any()]
+    groupings = [g for g in _TITLES if g != "all" and (strata["grouping"] == g).any()]
     if not groupings:
         return None
     widths = [max(2, int((strata["grouping"] == g).sum())) for g in groupings]
