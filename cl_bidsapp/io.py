@@ -39,7 +39,11 @@ def atomic_path(path: str | Path, mode: int = 0o644) -> Iterator[Path]:
     except OSError as exc:
         raise OutputError(f"cannot create folder ({exc.strerror})", path=path.parent) from None
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix, dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix, dir=path.parent)
+    except OSError as exc:
+        # the folder exists but takes no new file: name the folder, not a temporary name
+        raise _write_error(exc, path.parent, "cannot create files in this folder") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -49,16 +53,30 @@ def atomic_path(path: str | Path, mode: int = 0o644) -> Iterator[Path]:
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
-        if exc.errno == errno.ENOSPC:
-            raise IOFailure("no space left on device while writing", path=path,
-                            hint="free space or point --work-dir/output_dir elsewhere") from None
-        if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-            raise OutputError(f"cannot write ({exc.strerror})", path=path) from None
-        raise IOFailure(f"write failed ({exc.strerror or exc})", path=path) from None
+        raise _write_error(exc, path, "cannot write") from None
     except BaseException:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
         raise
+
+
+def _write_error(exc: OSError, path: Path, refused: str) -> Exception:
+    """The user-facing error for an OSError while writing ``path``.
+
+    >>> import errno
+    >>> err = _write_error(PermissionError(errno.EACCES, "Permission denied"), Path("out"),
+    ...                    "cannot write")
+    >>> type(err).__name__, int(err.exit_code), err.message
+    ('OutputError', 73, 'cannot write (Permission denied)')
+    """
+    if exc.errno == errno.ENOSPC:
+        return IOFailure("no space left on device while writing", path=path,
+                         hint="free space or point --work-dir/output_dir elsewhere")
+    if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return OutputError(f"{refused} ({exc.strerror})", path=path,
+                           hint="check the folder's permissions and that its file system is "
+                                "mounted writable (in a container: the bind mount)")
+    return IOFailure(f"write failed ({exc.strerror or exc})", path=path)
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -92,6 +92,12 @@ def singular_affine(p):
     _patch_header(p["uni"], qform_code=0, sform_code=1, srow_z=[0.0, 0.0, 0.0, srow[2, 3]])
 
 
+def nan_affine(p):
+    srow = nib.load(p["uni"]).affine
+    _patch_header(p["uni"], qform_code=0, sform_code=1,
+                  srow_x=[np.nan, *srow[0, 1:]])
+
+
 def inv_other_grid(p):
     img = nib.load(p["inv2"])
     affine = img.affine.copy()
@@ -136,6 +142,7 @@ CASES = {
     "aniso": (anisotropic, "failed", 65, "12.0 times longer than wide"),
     "oblique": (oblique, "ok", 0, "is oblique"),
     "singular": (singular_affine, "failed", 65, "not invertible"),
+    "nanaffine": (nan_affine, "failed", 65, "NaN or infinite values"),
     "invgrid": (inv_other_grid, "failed", 65, "different grids"),
     "inv1only": (inv1_without_inv2, "ok", 0, "INV1 without INV2"),
     "badjson": (bad_sidecar, "failed", 65, "sidecar is not valid JSON"),

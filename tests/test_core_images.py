@@ -211,9 +211,10 @@ def _with_sform(tmp_path, sform):
     return load_image(path)
 
 
-def test_non_finite_orientation_matrix_is_refused(tmp_path):
+@pytest.mark.parametrize("where", [(0, 3), (0, 0)], ids=["translation", "rotation-zoom"])
+def test_non_finite_orientation_matrix_is_refused(tmp_path, where):
     sform = np.eye(4)
-    sform[0, 3] = np.nan
+    sform[where] = np.nan
     assert "NaN or infinite" in refused(check_image, _with_sform(tmp_path, sform), "x.nii.gz")
 
 

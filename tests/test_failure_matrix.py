@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cl_bidsapp.io import leftover_temporaries
+from cl_bidsapp.io import TMP_PREFIX, leftover_temporaries
 from tests.bids_builders import make_dataset
 from tests.matrix_builders import CASES, build_matrix_dataset
 
@@ -86,6 +86,8 @@ def test_input_case(matrix, label):
         assert record["exit_code"] == code
         assert text in record["error"]
         assert f"sub-{label}_" in record["error"]  # names the damaged file
+        if label == "invgrid":   # the hint leaves out the broken INV2, not INV1
+            assert '{"inv2": {"acquisition": "none"}}' in record["error"]
         # the run's summary lists the image with its problem
         assert any(ln.startswith(f"  sub-{label} sub-{label}_UNIT1:")
                    for ln in proc.stderr.splitlines())
@@ -207,6 +209,24 @@ def test_unwritable_output_exits_73(small, tmp_path):
     proc = run_app(small, blocker / "out", "participant", "--skip-bids-validation",
                    "-w", tmp_path / "w")
     assert proc.returncode == 73 and str(blocker) in proc.stderr
+
+
+def test_a_read_only_subject_folder_is_named_and_exits_73(small, tiny_model, tmp_path):
+    # e.g. a container whose output bind mount is read-only below the top folder
+    out = tmp_path / "out"
+    anat = out / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(anat)],
+                      capture_output=True, check=False).returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here (not root?)")
+    try:
+        proc = run_app(small, out, "participant", "--participant-label", "01", "-w",
+                       tmp_path / "w", "--model", tiny_model, "--skip-bids-validation", *FAST)
+    finally:
+        subprocess.run(["umount", str(anat)], check=False)
+    assert proc.returncode == 73, proc.stderr[-2000:]
+    assert f"{anat}: cannot create files in this folder" in proc.stderr
+    assert TMP_PREFIX not in proc.stderr     # the folder is named, not a temporary file
 
 
 def test_derivatives_only_dataset(bids_layouts, tmp_path):

@@ -117,7 +117,11 @@ def load_image(path: str | Path) -> nib.Nifti1Image:
     header = img.header.copy()
     if data.dtype != header.get_data_dtype() and data.dtype.kind == "f":
         header.set_data_dtype(np.float32)   # scaled integers: keep values, not the int type
-    return img.__class__(data, img.affine, header)
+    with np.errstate(invalid="ignore"):
+        finite = bool(np.isfinite(img.affine).all())
+    # A NaN in the orientation cannot be re-encoded into a header; keep the header's own, so
+    # that check_image refuses it in plain words.
+    return img.__class__(data, img.affine if finite else None, header)
 
 
 def check_image(img: nib.spatialimages.SpatialImage, name: str

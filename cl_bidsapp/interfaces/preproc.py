@@ -22,12 +22,17 @@ def _load_checked(path: str, warnings: list[str]):
     return clean, clean is img
 
 
-def _same_grid(img, other, path: str, reference: str) -> None:
+def _same_grid(img, other, path: str, reference: str, hint: str) -> None:
     same, message = compare_grids(other, img, names=(Path(path).name, reference))
     if not same:
-        raise InputDataError(message, path=path,
-                             hint="leave this image out with a --bids-filter-file (e.g. "
-                                  '{"inv1": {"acquisition": "none"}}) or fix its header')
+        raise InputDataError(message, path=path, hint=hint)
+
+
+def _leave_out_hint(query: str) -> str:
+    """How to leave out the companion of input query ``query`` (inv1, inv2)."""
+    return ("fix its header, or leave it out with a --bids-filter-file, e.g. "
+            f'{{"{query}": {{"acquisition": "none"}}}} (brain extraction then uses the UNI '
+            "alone or the other inversion)")
 
 
 class _PrepareInputsInputSpec(BaseInterfaceInputSpec):
@@ -70,7 +75,7 @@ class PrepareInputs(StageInterface):
         for key, path in (("inv1", inv1_path), ("inv2", inv2_path)):
             if path is not None and self.inputs.contrast == "MP2RAGE":
                 img, _ = _load_checked(path, warnings)
-                _same_grid(image, img, path, reference)
+                _same_grid(image, img, path, reference, _leave_out_hint(key))
                 companions[key] = img
         if unchanged:
             self._results["out_image"] = str(Path(image_path).absolute())
@@ -119,7 +124,9 @@ class SkullStrip(StageInterface):
         stripped, reason = False, ""
         if precomputed is not None:
             mask = load_image(precomputed)
-            _same_grid(image, mask, precomputed, Path(self.inputs.in_image).name)
+            _same_grid(image, mask, precomputed, Path(self.inputs.in_image).name,
+                       "a brain mask given with --derivatives must be on its image's voxel grid; "
+                       "resample it to the image, or run without --derivatives")
             mask = preproc.image_like(skullstrip.clean_mask(
                 mask.get_fdata().reshape(image.shape[:3]) > 0), image, "uint8")
             method = f"precomputed ({Path(precomputed).name})"
