@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 from cl_bidsapp.cli.environment import CACHE_VARIABLES, NNUNET_VARIABLES, prepare_environment
+from cl_bidsapp.group.template import templateflow_home
 from cl_bidsapp.models.registry import ENV_MODELS_DIR, default_models_dir
 
 
@@ -14,7 +15,8 @@ def _isolate(monkeypatch, home: Path) -> None:
     # both back afterwards, or later tests in this worker write into this test's work folder
     monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
     for name in (*CACHE_VARIABLES, *NNUNET_VARIABLES, "TMPDIR", ENV_MODELS_DIR,
-                 "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "LOGNAME"):
+                 "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "LOGNAME",
+                 "TEMPLATEFLOW_HOME"):
         monkeypatch.setenv(name, "")  # records the original (also "unset") for the undo
         monkeypatch.delenv(name)
     monkeypatch.setenv("HOME", str(home))
@@ -25,12 +27,15 @@ def test_caches_move_to_the_work_folder_but_the_models_cache_does_not(tmp_path, 
     home.mkdir()
     _isolate(monkeypatch, home)
     before = default_models_dir()  # where `cl-bidsapp-models install` put the user's models
+    templates = templateflow_home()  # where `templateflow.api.get` put the user's templates
     work = tmp_path / "work"
     changed = prepare_environment(work, omp_nthreads=2)
     assert Path(os.environ["XDG_CACHE_HOME"]).is_relative_to(work)
     assert Path(os.environ["TMPDIR"]).is_relative_to(work)
     assert default_models_dir() == before and not before.is_relative_to(work)
     assert changed[ENV_MODELS_DIR] == str(before)
+    # the group level still finds templates fetched to TemplateFlow's default cache
+    assert templateflow_home() == templates and not templates.is_relative_to(work)
     assert os.environ["OMP_NUM_THREADS"] == "2"
     assert os.environ["LOGNAME"]  # Nipype's SLURM plugin fails with KeyError without it
 

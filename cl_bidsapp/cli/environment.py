@@ -37,6 +37,11 @@ def prepare_environment(work_dir: Path, omp_nthreads: int | None = None) -> dict
 
     if not os.environ.get(ENV_MODELS_DIR):
         os.environ[ENV_MODELS_DIR] = changed[ENV_MODELS_DIR] = str(default_models_dir())
+    # So do pre-fetched TemplateFlow templates (the group level's MNI template).
+    from cl_bidsapp.group.template import templateflow_home
+
+    if not os.environ.get("TEMPLATEFLOW_HOME"):
+        os.environ["TEMPLATEFLOW_HOME"] = changed["TEMPLATEFLOW_HOME"] = str(templateflow_home())
     for name in CACHE_VARIABLES + ("TMPDIR",):
         if not _writable(os.environ.get(name)):
             target = Path(work_dir) / "tmp" if name == "TMPDIR" else cache / name.lower()
