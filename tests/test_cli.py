@@ -53,6 +53,20 @@ def test_dry_run_prints_plan_and_writes_nothing(capsys, dataset, tmp_path):
     assert not out_dir.exists()
 
 
+def test_dry_run_names_the_images_that_will_fail_and_exits_65(capsys, dataset, tmp_path):
+    sidecar = dataset / "sub-01" / "anat" / "sub-01_UNIT1.json"
+    sidecar.write_text('{"MagneticFieldStrength": 3,')
+    code, out, err = run_cli(capsys, dataset, tmp_path / "out", "participant", "--dry-run",
+                             "--skip-bids-validation")
+    assert code == 65
+    row = next(line for line in out.splitlines() if "sub-01_UNIT1.nii.gz" in line)
+    assert row.endswith("unusable (below)")
+    assert next(ln for ln in out.splitlines() if "sub-02_T1w" in ln).endswith("ok")
+    assert "1 of 2 image(s) cannot be processed" in err
+    assert f"sub-01 sub-01_UNIT1: {sidecar}: sidecar is not valid JSON" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_both_levels_accepted(dataset, tmp_path):
     s = parse_args([str(dataset), str(tmp_path / "o"), "participant", "group"])
     assert s.analysis_levels == ["participant", "group"]
@@ -187,7 +201,8 @@ def test_bad_flag_values_exit_64(capsys, dataset, tmp_path, args, message):
 
 def test_settings_roundtrip_through_config_file(dataset, tmp_path):
     s = parse_args([str(dataset), str(tmp_path / "o"), "participant", "--threshold", "0.4",
-                    "--mem", "8GB", "--folds", "0", "2", "--no-tta"])
+                    "--mem", "8GB", "--folds", "0", "2", "--no-tta", "--participant-label",
+                    "01", "-d", f"masks={tmp_path}", "--min-lesion-size", "10mm3", "-v"])
     assert (s.threshold, s.mem_gb, s.folds, s.tta) == (0.4, 8.0, [0, 2], False)
     cfg = tmp_path / "run.toml"
     cfg.write_text(s.to_toml())
@@ -196,6 +211,90 @@ def test_settings_roundtrip_through_config_file(dataset, tmp_path):
     assert again.threshold == 0.6  # the command line wins
     assert (again.mem_gb, again.folds, again.tta) == (8.0, [0, 2], False)
     assert Settings.from_toml(s.to_toml()).run_id == s.run_id
+
+
+@pytest.mark.parametrize("toml, message", [
+    ("[segmentation]\nthreshhold = 0.5\n", "[segmentation] threshhold: unknown setting\n"
+                                          "  hint: did you mean 'threshold'?"),
+    ('[segmentation]\nthreshold = "high"\n', "threshold = 'high': expected a number in (0, 1)"),
+    ("[segmentation]\nthreshold = 7\n", "threshold = 7: expected a number in (0, 1)"),
+    ('[segmentation]\nmin_lesion_size = "big"\n', "cannot read minimum lesion size 'big'"),
+    ('[segmentation]\ndevice = "gpu"\n', "expected one of auto, cpu, cuda"),
+    ("[execution]\nnprocs = 0\n", "nprocs = 0: expected a positive integer"),
+    ("[execution]\nnprocs = true\n", "nprocs = True: expected a number"),
+    ("[segmentation]\ntta = 1\n", "tta = 1: expected true or false"),
+    ('[inputs]\nparticipant_label = "01"\n', "expected a list"),
+    ("[execution]\nmem_gb = -4\n", "memory must be positive"),
+    ("threshold = 0.5\n", "'threshold' is not in a [section]"),
+])
+def test_a_bad_config_file_is_refused_before_any_work(capsys, dataset, tmp_path, toml,
+                                                      message):
+    cfg = tmp_path / "settings.toml"
+    cfg.write_text(toml)
+    code, _, err = run_cli(capsys, dataset, tmp_path / "o", "participant", "--config-file", cfg,
+                           "-w", tmp_path / "w")
+    assert code == 64, err
+    assert f"{cfg}: " in err and message in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
+
+
+def test_the_default_work_folder_inside_the_dataset_is_refused(capsys, dataset, tmp_path,
+                                                               monkeypatch):
+    monkeypatch.chdir(dataset)        # ./work would be inside the dataset
+    code, _, err = run_cli(capsys, dataset, tmp_path / "o", "participant",
+                           "--skip-bids-validation")
+    assert code == 64 and "default work folder (./work in the current folder)" in err
+    assert "-w /tmp/work" in err and not (dataset / "work").exists()
+
+
+def test_the_derivatives_folder_itself_is_refused_as_output(capsys, dataset, tmp_path):
+    code, _, err = run_cli(capsys, dataset, dataset / "derivatives", "participant",
+                           "-w", tmp_path / "w", "--skip-bids-validation")
+    assert code == 64 and "derivatives/ folder itself" in err
+    assert str(dataset / "derivatives" / "cl-bidsapp") in err
+
+
+@pytest.mark.parametrize("description, owner", [
+    ({"Name": "x", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
+      "GeneratedBy": [{"Name": "fMRIPrep", "Version": "24.1.0"}]}, "made by fMRIPrep"),
+    ({"Name": "raw", "BIDSVersion": "1.9.0"}, "not made by cl-bidsapp"),
+    (None, "with an unreadable dataset_description.json"),
+])
+def test_another_pipelines_folder_is_refused_as_output(capsys, dataset, tmp_path, description,
+                                                       owner):
+    other = dataset / "derivatives" / "other"
+    other.mkdir(parents=True)
+    text = json.dumps(description) if description else "{not json"
+    (other / "dataset_description.json").write_text(text)
+    code, _, err = run_cli(capsys, dataset, other, "participant", "-w", tmp_path / "w",
+                           "--skip-bids-validation")
+    assert code == 64 and f"output_dir already holds a dataset {owner}" in err
+    assert (other / "dataset_description.json").read_text() == text   # untouched
+    assert sorted(p.name for p in other.iterdir()) == ["dataset_description.json"]
+
+
+def test_help_shows_defaults_only_where_they_say_something():
+    text = " ".join(build_parser().format_help().split())
+    assert "(default: None)" not in text and "(default: True)" not in text
+    assert "(default: False)" not in text and "(default: 0)" not in text
+    assert "fraction of the patch (default: 0.5)" in text
+
+
+def test_an_unexpected_error_before_settings_exist_never_writes_the_current_folder(
+        capsys, dataset, tmp_path, monkeypatch):
+    import cl_bidsapp.cli.parser as parser_module
+
+    def broken(argv):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(parser_module, "parse_args", broken)
+    monkeypatch.chdir(dataset)
+    code, _, err = run_cli(capsys, dataset, tmp_path / "o", "participant")
+    assert code == 1 and "unexpected RuntimeError: simulated bug" in err
+    assert not list(dataset.glob("crash-*"))
+    crash = Path(err.split("details in ")[1].split(";")[0].split("\n")[0])
+    assert crash.is_file() and "simulated bug" in crash.read_text()
+    crash.unlink()
 
 
 def test_console_scripts_installed(dataset, tmp_path):

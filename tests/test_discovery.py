@@ -268,9 +268,10 @@ def test_plan_table_lists_rule_and_companions(tmp_path):
         "sub-01/anat/sub-01_T1w.nii.gz", "sub-01/anat/sub-01_inv-2_MP2RAGE.nii.gz"])
     table = plan_table(_plan(root), root=root)
     header, rule, row = table.splitlines()
-    assert header.split() == ["subject", "session", "contrast", "image", "companions", "rule"]
+    assert header.split() == ["subject", "session", "contrast", "image", "companions", "rule",
+                              "inputs"]
     assert row.split() == ["01", "-", "MP2RAGE", "sub-01/anat/sub-01_T1w.nii.gz", "INV2",
-                           "inv-sibling"]
+                           "inv-sibling", "ok"]
     assert json.dumps(_plan(root)[0].to_dict())  # serialisable for logs
 
 

@@ -437,9 +437,10 @@ def plan_table(items: list[WorkItem], root: Path | None = None) -> str:
         except ValueError:
             return str(p)
 
-    header = ("subject", "session", "contrast", "image", "companions", "rule")
+    header = ("subject", "session", "contrast", "image", "companions", "rule", "inputs")
     rows = [(it.subject, it.session or "-", it.contrast,
-             rel(it.image) if it.image else "(UNI computed)", it.companions, it.rule)
+             rel(it.image) if it.image else "(UNI computed)", it.companions, it.rule,
+             "unusable (below)" if it.problem else "ok")
             for it in items]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()

@@ -107,13 +107,25 @@ def _folds(text: str) -> str:
     raise argparse.ArgumentTypeError(f"folds are integers or 'all', got '{text}'")
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show ``(default: X)`` only where it says something the help text does not."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default is None or isinstance(default, bool) or default in ([], argparse.SUPPRESS)
+                or isinstance(action, argparse._CountAction) or "default" in text):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser, with argument groups as in fMRIPrep/MRIQC."""
     p = _Parser(
         prog="cl-bidsapp",
         description="Cortical-lesion segmentation in MP2RAGE/MPRAGE MRI with nnU-Net v2, as a "
                     "BIDS App (method: Molchanova et al. 2025, arXiv 2507.12092).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
         epilog="Exit codes: 0 ok, 1 unspecified, 16 BIDS validation failed, 17 unknown analysis "
                "level, 18 no files selected, 64 usage, 65 bad input data, 66 input missing, "
                "73 cannot create output, 74 I/O error, 75 temporary failure.")
@@ -195,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--boilerplate-only", action="store_true",
                    help="write the methods paragraph (logs/CITATION.md) and stop")
     g.add_argument("--dry-run", action="store_true",
-                   help="print the work plan (what would be processed, and why) and stop")
+                   help="print the work plan (what would be processed, and why) and stop; "
+                        "exit 65 when an image's files cannot be used")
     g.add_argument("--config-file", type=Path, metavar="FILE",
                    help="settings TOML saved by an earlier run (command-line flags win)")
     g.add_argument("-v", "--verbose", dest="verbosity", action="count", default=0,
@@ -235,14 +248,22 @@ def _inside(child: Path, parent: Path) -> bool:
         return False
 
 
-def check_paths(bids_dir: Path, output_dir: Path, work_dir: Path | None) -> None:
-    """Refuse outputs or work folders that would write into the raw dataset."""
+def check_paths(bids_dir: Path, output_dir: Path, work_dir: Path | None,
+                work_given: bool = True) -> None:
+    """Refuse outputs or work folders that would write into the raw dataset.
+
+    ``work_given`` False: ``work_dir`` is the default ``./work`` (the message then says so).
+    """
     bids = bids_dir.resolve()
     out = output_dir.resolve()
     suggestion = f"use {bids / 'derivatives' / 'cl-bidsapp'} or a folder outside the dataset"
     if out == bids:
         raise UsageError("output_dir is the BIDS dataset itself: outputs would mix with raw "
                          "data", path=output_dir, hint=suggestion)
+    if out == bids / "derivatives":
+        raise UsageError("output_dir is the dataset's derivatives/ folder itself: each "
+                         "pipeline writes into its own folder below it", path=output_dir,
+                         hint=suggestion)
     if _inside(out, bids) and not _inside(out, bids / "derivatives"):
         raise UsageError("output_dir is inside the BIDS dataset (outside its derivatives/ "
                          "folder)", path=output_dir, hint=suggestion)
@@ -252,8 +273,38 @@ def check_paths(bids_dir: Path, output_dir: Path, work_dir: Path | None) -> None
     if work_dir is not None:
         work = work_dir.resolve()
         if _inside(work, bids) or work == bids:
-            raise UsageError("the work folder is inside the BIDS dataset", path=work_dir,
+            what = ("the work folder" if work_given else
+                    "the default work folder (./work in the current folder)")
+            raise UsageError(f"{what} is inside the BIDS dataset", path=work_dir,
                              hint="use a scratch folder outside the dataset, e.g. -w /tmp/work")
+
+
+def check_output_owner(output_dir: Path) -> None:
+    """Refuse an output folder that holds another pipeline's (or a raw) dataset.
+
+    cl-bidsapp rewrites ``dataset_description.json`` and adds files at the top of its output
+    folder; in a folder another tool made, that would destroy the other tool's metadata.
+    """
+    import json
+
+    description = output_dir / "dataset_description.json"
+    if not description.is_file():
+        return
+    try:
+        data = json.loads(description.read_text(encoding="utf-8"))
+        names = [g.get("Name") for g in data.get("GeneratedBy") or [] if isinstance(g, dict)]
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        names = None
+    from cl_bidsapp.bids.derivatives import APP_NAME
+
+    if names and names[0] == APP_NAME:
+        return
+    owner = (f"made by {names[0]}" if names else "not made by cl-bidsapp"
+             if names is not None else "with an unreadable dataset_description.json")
+    raise UsageError(f"output_dir already holds a dataset {owner}; cl-bidsapp would overwrite "
+                     "its dataset_description.json", path=output_dir,
+                     hint="give cl-bidsapp a folder of its own, e.g. "
+                          "<bids_dir>/derivatives/cl-bidsapp")
 
 
 def check_writable(folder: Path, what: str) -> None:
@@ -284,13 +335,91 @@ def _parse_derivatives(values: list[str]) -> dict[str, Path]:
     return out
 
 
-def _load_config_file(path: Path) -> dict:
+def _load_config_file(path: Path, parser: argparse.ArgumentParser) -> dict:
     if not path.is_file():
         raise MissingInputError("the config file does not exist", path=path)
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        sections = tomllib.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise UsageError(f"the config file is not valid TOML ({exc})", path=path) from None
+    _check_config(sections, path, parser)
+    return sections
+
+
+#: Settings with no flag of their own (or a flag that stores another form), as Python types.
+_CONFIG_TYPES: dict[str, tuple[type, ...]] = {
+    "bids_dir": (str,), "output_dir": (str,), "analysis_levels": (list,),
+    "bids_filters": (dict,), "derivatives": (dict,), "mem_gb": (int, float),
+    "run_id": (str,), "version": (str,), "verbosity": (int,),
+}
+
+
+def _check_config(sections: dict, path: Path, parser: argparse.ArgumentParser) -> None:
+    """Refuse unknown settings and values the command line would refuse (exit 64).
+
+    >>> import tempfile
+    >>> _check_config({"segmentation": {"threshhold": 0.5}}, Path("my.toml"), build_parser())
+    Traceback (most recent call last):
+    ...
+    cl_bidsapp.errors.UsageError: my.toml: [segmentation] threshhold: unknown setting
+      hint: did you mean 'threshold'?
+    """
+    import dataclasses
+    import difflib
+
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    actions = {a.dest: a for a in parser._actions}
+    for section, values in sections.items():
+        if not isinstance(values, dict):
+            raise UsageError(f"'{section}' is not in a [section]", path=path,
+                             hint="write settings under their section, as a run saves them "
+                                  "(e.g. [segmentation] then threshold = 0.5)")
+        for key, value in values.items():
+            where = f"[{section}] {key}"
+            if key not in fields:
+                close = difflib.get_close_matches(key, sorted(fields), n=1)
+                raise UsageError(f"{where}: unknown setting", path=path,
+                                 hint=f"did you mean '{close[0]}'?" if close else
+                                 "settings are the long options with '_' for '-', "
+                                 "e.g. threshold, min_lesion_size, nprocs")
+            problem = _config_value_problem(key, value, actions.get(key))
+            if problem:
+                raise UsageError(f"{where} = {value!r}: {problem}", path=path)
+
+
+def _config_value_problem(key: str, value, action: argparse.Action | None) -> str | None:
+    """Why a config-file value is not acceptable for setting ``key`` (None when it is)."""
+    if key in _CONFIG_TYPES or action is None:
+        types = _CONFIG_TYPES.get(key, (str,))
+        if isinstance(value, bool) or not isinstance(value, types):
+            return f"expected {' or '.join(t.__name__ for t in types)}"
+        if key == "mem_gb" and value <= 0:
+            return "memory must be positive"
+        if key == "analysis_levels" and not set(value) <= set(LEVELS):
+            return f"levels are {' and '.join(LEVELS)}"
+        return None
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return None if isinstance(value, bool) else "expected true or false"
+    if action.nargs in ("+", "*"):
+        if not isinstance(value, list) or not value:
+            return "expected a list, e.g. [\"01\", \"02\"]"
+        items = value
+    else:
+        items = [value]
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            return "expected a number or a string"
+        if action.choices is not None and item not in action.choices:
+            return f"expected one of {', '.join(map(str, action.choices))}"
+        if action.type is Path or action.type is None:
+            if not isinstance(item, str):
+                return "expected a string"
+        else:
+            try:
+                action.type(str(item))
+            except (argparse.ArgumentTypeError, ValueError) as exc:
+                return str(exc)
+    return None
 
 
 def _check_plugin(path: Path) -> None:
@@ -323,7 +452,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
 
     base: dict = {}
     if opts.config_file is not None:
-        base = _load_config_file(opts.config_file)
+        base = _load_config_file(opts.config_file, parser)
 
     settings = Settings.from_dict(base) if base else Settings()
     given = {arg.split("=", 1)[0] for arg in argv if arg.startswith("-")}
@@ -372,7 +501,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         raise MissingInputError("the reference-masks folder does not exist",
                                 path=settings.reference_masks)
     if settings.bids_dir.exists():
-        check_paths(settings.bids_dir, settings.output_dir, settings.work_dir)
+        check_paths(settings.bids_dir, settings.output_dir, settings.effective_work_dir(),
+                    work_given=settings.work_dir is not None)
+        check_output_owner(settings.output_dir)
     if settings.bids_database_dir is not None and settings.bids_dir.exists():
         if _inside(settings.bids_database_dir.resolve(), settings.bids_dir.resolve()):
             raise UsageError("the BIDS database folder is inside the BIDS dataset",
@@ -394,4 +525,4 @@ def flag_names() -> list[str]:
 
 
 __all__ = ["build_parser", "parse_args", "parse_memory_gb", "parse_min_size", "check_paths",
-           "check_writable", "flag_names"]
+           "check_output_owner", "check_writable", "flag_names"]

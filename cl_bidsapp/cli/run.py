@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
 import time
 import traceback
 from datetime import datetime, timezone
@@ -41,7 +42,8 @@ def _crash_report(exc: BaseException, settings) -> Path | None:
     candidates = []
     if settings is not None:
         candidates.append(settings.effective_work_dir() / "crash")
-    candidates.append(Path.cwd())
+    # Not the current folder: it may be inside the BIDS dataset, which is never written to.
+    candidates.append(Path(tempfile.gettempdir()))
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     for folder in candidates:
         try:
@@ -95,7 +97,15 @@ def run(settings) -> int:
         from cl_bidsapp.bids.discovery import plan_table
 
         print(plan_table(items, root=settings.bids_dir))
-        return ExitCode.OK
+        unusable = [it for it in items if it.problem]
+        if not unusable:
+            return ExitCode.OK
+        # what the real run would report as failed, said before anything runs
+        print(f"cl-bidsapp: {len(unusable)} of {len(items)} image(s) cannot be processed:",
+              file=sys.stderr)
+        for item in unusable:
+            print(f"  sub-{item.subject} {item.bids_name}: {item.problem}", file=sys.stderr)
+        return ExitCode.DATA_ERROR
 
     from cl_bidsapp.cli.parser import check_writable
 
