@@ -229,6 +229,16 @@ def test_a_read_only_subject_folder_is_named_and_exits_73(small, tiny_model, tmp
     assert TMP_PREFIX not in proc.stderr     # the folder is named, not a temporary file
 
 
+def test_a_fold_the_model_lacks_is_refused_before_any_image_is_processed(small, tiny_model,
+                                                                        tmp_path):
+    out = tmp_path / "out"
+    proc = run_app(small, out, "participant", "-w", tmp_path / "w", "--model", tiny_model,
+                   "--skip-bids-validation", "--folds", "3", "--no-tta")
+    assert proc.returncode == 64, proc.stderr[-2000:]
+    assert "fold 3 is not in model" in proc.stderr and "available: 0" in proc.stderr
+    assert not list(out.glob("sub-*")) and "brain" not in proc.stderr.lower()
+
+
 def test_derivatives_only_dataset(bids_layouts, tmp_path):
     proc = run_app(bids_layouts / "ds000001-fmriprep", tmp_path / "out", "participant")
     assert proc.returncode == 65 and "derivatives dataset" in proc.stderr

@@ -299,6 +299,7 @@ def run_participant(settings, items: list[WorkItem], raw_description: dict) -> l
     _, omp = _default_threads(settings, len(items))
     prepare_environment(work_dir, omp)
     model = resolve_model(settings.model, settings.models_dir)
+    model.select_folds(settings.folds)    # a wrong --folds fails now, not after brain extraction
     check_free_space(work_dir, len(items), "work folder")
     check_free_space(settings.output_dir, len(items), "output folder")
     unusable = [Failure(it, it.problem, int(ExitCode.DATA_ERROR)) for it in items if it.problem]

@@ -150,7 +150,7 @@ class CLPredictor:
             raise UsageError(f"tile step size must be in (0, 1], got {tile_step_size}")
         if threads is not None and int(threads) < 1:
             raise UsageError(f"threads must be a positive integer, got {threads}")
-        self.folds = self._check_folds(folds)
+        self.folds = self.model.select_folds(folds)
         self.tta, self.tile_step_size = bool(tta), float(tile_step_size)
         self.per_fold, self.threads = bool(per_fold), threads
         self.embed = bool(embed)
@@ -201,21 +201,6 @@ class CLPredictor:
         logger.info("model %s %s (sha256 %s), folds %s, TTA %s, tile step %.2f",
                     self.model.name, self.model.version, self.model.sha256[:12], self.folds,
                     "on" if self.tta else "off", self.tile_step_size)
-
-    def _check_folds(self, folds) -> list:
-        available = self.model.folds
-        if folds is None:
-            return available
-        wanted = []
-        for f in folds:
-            f = "all" if str(f) == "all" else int(f)
-            if f not in available:
-                raise UsageError(f"fold {f} is not in model {self.model.name} "
-                                 f"(available: {available})")
-            wanted.append(f)
-        if not wanted:
-            raise UsageError("at least one fold is needed")
-        return wanted
 
     @contextlib.contextmanager
     def _torch_threads(self):

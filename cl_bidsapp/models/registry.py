@@ -100,6 +100,25 @@ class InstalledModel:
     def folds(self) -> list[int | str]:
         return list(self.card["nnunet"]["folds"])
 
+    def select_folds(self, folds=None) -> list[int | str]:
+        """The folds to ensemble: ``folds`` (numbers or ``"all"``) checked against the model's,
+        or all of the model's when None; a fold the model lacks is a usage error (exit 64).
+        """
+        available = self.folds
+        if folds is None:
+            return available
+        wanted = []
+        for f in folds:
+            f = "all" if str(f) == "all" else int(f)
+            if f not in available:
+                raise UsageError(f"fold {f} is not in model {self.name} "
+                                 f"(available: {', '.join(map(str, available))})",
+                                 hint="leave out --folds to use all of the model's folds")
+            wanted.append(f)
+        if not wanted:
+            raise UsageError("at least one fold is needed")
+        return wanted
+
     @property
     def configuration(self) -> str:
         return self.card["nnunet"]["configuration"]
