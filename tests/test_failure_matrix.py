@@ -97,6 +97,9 @@ def test_input_case(matrix, label):
         assert (out / f"sub-{label}/anat/sub-{label}_seg-CL_dseg.nii.gz").is_file()
         if text:
             assert any(text in w for w in record["warnings"]), record["warnings"]
+            # said on the console as the stage finishes, not only in the record and report
+            assert any(f"sub-{label}_UNIT1: " in ln and text in ln
+                       for ln in proc.stderr.splitlines()), proc.stderr[-3000:]
 
 
 def test_matrix_run_exit_code_bids_dir_and_outputs(matrix):

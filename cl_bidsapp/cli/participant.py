@@ -99,6 +99,8 @@ def build_options(settings, items, model, device: str, raw_description: dict):
         if accepted and wanted not in accepted:
             texts.append(f"The model lists {', '.join(sorted(accepted))} as its inputs, not "
                          f"{wanted} ({item.contrast}): expect worse results.")
+        for text in texts[len(warnings_all):]:      # the run-wide ones were said above
+            LOGGER.warning("%s: %s", item.bids_name, text)
         if texts:
             extra[item.bids_name] = texts
     return ParticipantOptions(
@@ -158,6 +160,18 @@ class _Progress:
             verb = "done" if status == "end" else "FAILED"
             LOGGER.info("%s: %s %s (%.1f s) [%d/%d stages]", item.bids_name,
                         STAGE_WORDS[stage], verb, took, self.done, self.total)
+            if status == "end":
+                for text in _stage_warnings(node):
+                    LOGGER.warning("%s: %s", item.bids_name, text)
+
+
+def _stage_warnings(node) -> list[str]:
+    """The warnings a finished stage reported (also in the record and the report)."""
+    try:
+        warnings = getattr(node.result.outputs, "warnings", None)
+    except Exception:  # noqa: BLE001 - a progress line must never fail the run
+        return []
+    return [str(w) for w in warnings] if isinstance(warnings, list) else []
 
 
 def _configure_nipype(wf, settings, crash_dir: Path) -> None:
