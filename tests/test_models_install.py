@@ -5,6 +5,7 @@ import io
 import json
 import shutil
 import stat
+import warnings
 import zipfile
 
 import pytest
@@ -92,6 +93,46 @@ def test_zip_bomb_and_oversize_are_refused(tmp_path):
     assert not (tmp_path / "big").exists()
 
 
+def _corrupt_deflate_zip() -> io.BytesIO:
+    """A zip whose entry's compressed stream starts with an invalid deflate block type."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("model/plans.json", b"{}" * 5000)
+    raw = bytearray(buf.getvalue())
+    raw[30 + len("model/plans.json")] = 0xFF    # first byte after the local file header
+    return io.BytesIO(bytes(raw))
+
+
+def _zip_of(*entries) -> io.BytesIO:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf, warnings.catch_warnings():
+        warnings.simplefilter("ignore")         # zipfile warns about a duplicate name
+        for name in entries:
+            zf.writestr(name, b"x")
+    return buf
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: _zip_of("model/plans.json", "model/plans.json"), "appears twice"),
+    (lambda: _zip_of("model/fold_0", "model/fold_0/checkpoint_final.pth"),
+     "both a file and a folder"),
+    (_corrupt_deflate_zip, "corrupt zip"),
+], ids=["duplicate", "file-and-folder", "bad-deflate"])
+def test_malformed_zips_are_refused_as_bad_data(tmp_path, make, message):
+    with pytest.raises(InputDataError, match=message) as err:
+        safe_extract_zip(make(), tmp_path / "out")
+    assert err.value.exit_code == ExitCode.DATA_ERROR
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_zip_without_a_model_is_named_not_its_unpacking_folder(tmp_path):
+    archive = tmp_path / "notes.zip"
+    archive.write_bytes(_zip_of("notes/readme.txt").getvalue())
+    with pytest.raises(InputDataError, match="no nnU-Net model") as err:
+        install_model(archive, tmp_path / "cache")
+    assert err.value.path == str(archive) and ".staging" not in str(err.value)
+
+
 def test_wrong_sha256_is_refused_and_not_installed(tiny_folder, tmp_path):
     archive = export_zip(tiny_folder, tmp_path / "m.zip")
     with pytest.raises(InputDataError, match="sha256") as err:
@@ -166,7 +207,8 @@ def test_cli_install_list_verify_show(tiny_folder, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["name"] == "tiny-install"
 
 
-def test_cli_exit_codes_for_missing_and_tampered_models(tiny_folder, tmp_path, capsys):
+def test_cli_exit_codes_for_missing_and_tampered_models(tiny_folder, tmp_path, capsys,
+                                                        caplog):
     cache = tmp_path / "cache"
     assert main(["--models-dir", str(cache), "verify", "absent"]) == ExitCode.NO_INPUT
     assert "absent" in capsys.readouterr().err
@@ -175,5 +217,9 @@ def test_cli_exit_codes_for_missing_and_tampered_models(tiny_folder, tmp_path, c
     checkpoint.write_bytes(checkpoint.read_bytes()[:-1])
     assert main(["--models-dir", str(cache), "verify", "tiny-install"]) == ExitCode.DATA_ERROR
     assert "sha256 mismatch" in capsys.readouterr().err
+    # the hint says to reinstall from the original source: that repairs the installed copy
+    assert main(["--models-dir", str(cache), "install", str(tiny_folder)]) == 0
+    assert "tiny-install fails verification" in caplog.text
+    assert main(["--models-dir", str(cache), "verify", "tiny-install"]) == 0
     evil = export_zip(tiny_folder, tmp_path / "evil.zip", extra=[("../x", b"x")])
     assert main(["--models-dir", str(cache), "install", str(evil)]) == ExitCode.DATA_ERROR

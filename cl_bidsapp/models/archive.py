@@ -23,6 +23,7 @@ import re
 import shutil
 import stat
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import IO
 
@@ -58,9 +59,16 @@ def check_zip_entries(zf: zipfile.ZipFile, label: str = "zip",
                              "to extract", path=label)
     total = 0
     files = []
+    seen: set[PurePosixPath] = set()
+    folders: set[PurePosixPath] = set()
     for info in infos:
         name = info.filename
         pure = PurePosixPath(name)
+        if pure in seen:
+            raise InputDataError(f"zip entry {name!r} appears twice; refusing to extract",
+                                 path=label)
+        seen.add(pure)
+        folders.update(pure.parents)
         if (not pure.parts or name.startswith(("/", "\\")) or "\\" in name
                 or re.match(r"^[A-Za-z]:", name)):
             raise InputDataError(f"zip entry {name!r} has an absolute or Windows path; refusing "
@@ -82,6 +90,11 @@ def check_zip_entries(zf: zipfile.ZipFile, label: str = "zip",
             raise InputDataError(f"zip entry {name!r} inflates {ratio:.0f}x (a zip bomb?); "
                                  "refusing to extract", path=label)
         files.append(info)
+    clash = next((info.filename for info in files if PurePosixPath(info.filename) in folders),
+                 None)
+    if clash is not None:
+        raise InputDataError(f"zip entry {clash!r} is both a file and a folder; refusing to "
+                             "extract", path=label)
     if total > max_total_bytes:
         raise InputDataError(f"zip would inflate to {total / 1024**3:.1f} GiB (limit "
                              f"{max_total_bytes / 1024**3:.1f} GiB); refusing to extract",
@@ -132,7 +145,7 @@ def safe_extract_zip(source: str | Path | IO[bytes], dest: str | Path,
                 target.parent.mkdir(parents=True, exist_ok=True)
                 budget = _copy_member(zf, info, target, budget, label)
                 written.append(target)
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
         _remove_tree(dest)
         raise InputDataError(f"corrupt zip ({exc})", path=label) from None
     except BaseException:

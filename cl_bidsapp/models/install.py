@@ -140,7 +140,7 @@ def _install(source: str, models_dir: Path, staging: Path, name: str | None,
         root = Path(source).expanduser()
 
     card, raw = _read_given_card(card_path) if card_path else (None, None)
-    folder = _pick_model_folder(root, card)
+    folder = _pick_model_folder(root, card, source)
     if card is None:
         card, raw = cards.load_card(folder)
     cards.verify_files(folder, card)
@@ -168,9 +168,16 @@ def _install(source: str, models_dir: Path, staging: Path, name: str | None,
         except InputDataError:
             existing = None
         if existing is not None and existing.sha256 == model_sha:
-            logger.info("model %s is already installed at %s", install_name, target)
-            return load_model(target, name=install_name, source="installed")
-        if not force:
+            try:
+                model = load_model(target, name=install_name, source="installed")
+            except InputDataError as exc:
+                # the same model, but a file of the installed copy changed: repair it
+                logger.warning("the installed copy of %s fails verification (%s); replacing it "
+                               "with the verified new copy", install_name, exc.message)
+            else:
+                logger.info("model %s is already installed at %s", install_name, target)
+                return model
+        elif not force:
             raise UsageError(f"a different model named {install_name!r} is already installed",
                              path=target, hint="choose another --name or pass --force")
         os.rename(target, staging / "replaced")
@@ -195,7 +202,9 @@ def _read_given_card(card_path) -> tuple[dict, bytes]:
     return card, raw
 
 
-def _pick_model_folder(root: Path, card: dict | None) -> Path:
+def _pick_model_folder(root: Path, card: dict | None, source: str | Path) -> Path:
+    """The model folder under ``root`` (``source``, what the user gave, names it in errors:
+    ``root`` may be a temporary unpacking folder)."""
     folders = find_model_folders(root)
     if card is None:
         with_card = [f for f in folders if (f / cards.CARD_FILENAME).is_file()]
@@ -204,14 +213,15 @@ def _pick_model_folder(root: Path, card: dict | None) -> Path:
         if not with_card:
             raise InputDataError(
                 "no model card (cl_model.json) found beside plans.json" if folders else
-                "no nnU-Net model (plans.json + dataset.json) found", path=root,
+                "no nnU-Net model (plans.json + dataset.json) found", path=source,
                 hint="for a model without a card pass --card CARD.json (see docs/models.md)")
         raise InputDataError(f"{len(with_card)} models with a card found: "
-                             + ", ".join(str(f) for f in with_card), path=root)
+                             + ", ".join(f.relative_to(root).as_posix() for f in with_card),
+                             path=source)
     nn = card["nnunet"]
     wanted = f"{nn['trainer']}__{nn['plans']}__{nn['configuration']}"
     matching = [f for f in folders if f.name == wanted] or (folders if len(folders) == 1 else [])
     if len(matching) != 1:
         raise InputDataError(f"cannot tell which folder the card describes (expected one named "
-                             f"{wanted}, found {[f.name for f in folders]})", path=root)
+                             f"{wanted}, found {[f.name for f in folders]})", path=source)
     return matching[0]
