@@ -155,16 +155,55 @@ def test_folder_without_card_says_how_to_add_one(model_copy):
     assert "--card" in str(err.value)
 
 
-def test_zip_path_is_unpacked_once_and_verified(tiny_folder, tmp_path):
-    archive = tmp_path / "model.zip"
+def _zip_model(folder, archive):
     with zipfile.ZipFile(archive, "w") as zf:
-        for path in tiny_folder.rglob("*"):
-            zf.write(path, "Dataset999_Tiny/" + tiny_folder.name + "/"
-                     + path.relative_to(tiny_folder).as_posix())
+        for path in folder.rglob("*"):
+            zf.write(path, "Dataset999_Tiny/" + folder.name + "/"
+                     + path.relative_to(folder).as_posix())
+    return archive
+
+
+def test_zip_path_is_unpacked_once_and_verified(tiny_folder, tmp_path):
+    archive = _zip_model(tiny_folder, tmp_path / "model.zip")
     first = resolve_model(str(archive), tmp_path / "cache")
     second = resolve_model(str(archive), tmp_path / "cache")
     assert first.path == second.path and first.sha256 == second.sha256
     assert first.path.is_relative_to(tmp_path / "cache")
+
+
+def test_an_unpacked_copy_whose_card_differs_from_the_zip_is_not_used(tiny_folder, tmp_path):
+    archive = _zip_model(tiny_folder, tmp_path / "model.zip")
+    model = resolve_model(str(archive), tmp_path / "cache")
+    # someone swaps the cached copy for another model, card and files consistent with each other
+    other = make_tiny_model(tmp_path / "other", name="tiny-test", seed=9)
+    shutil.rmtree(model.path)
+    shutil.copytree(other, model.path)
+    with pytest.raises(InputDataError, match="another model card than the zip") as err:
+        resolve_model(str(archive), tmp_path / "cache")
+    assert err.value.exit_code == ExitCode.DATA_ERROR
+
+
+def test_with_a_read_only_cache_a_zip_is_unpacked_privately(tiny_folder, tmp_path,
+                                                            monkeypatch):
+    import os
+    import stat
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    archive = _zip_model(tiny_folder, tmp_path / "model.zip")
+    # where an earlier version unpacked: a shared, predictable name another user could fill
+    squatted = tmp_path / "tmp" / f"cl-bidsapp-models-{os.getuid()}" / cards.sha256_file(
+        archive)[:32]
+    shutil.copytree(make_tiny_model(tmp_path / "evil", name="tiny-test", seed=3), squatted)
+    not_a_folder = tmp_path / "cache-is-a-file"
+    not_a_folder.write_text("")
+    model = resolve_model(str(archive), not_a_folder)
+    assert model.sha256 == resolve_model(str(tiny_folder)).sha256
+    assert not model.path.is_relative_to(squatted.parent)
+    private = model.path.relative_to(tmp_path / "tmp").parts[0]
+    assert private.startswith("cl-bidsapp-models-") and private != squatted.parent.name
+    assert stat.S_IMODE((tmp_path / "tmp" / private).stat().st_mode) == 0o700
 
 
 def test_list_shows_installed_and_bundled_and_flags_bad_cards(tiny_folder, tmp_path):

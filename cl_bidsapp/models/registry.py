@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,41 +259,76 @@ def _load_model_folder(path: Path) -> InstalledModel:
 
 
 def _load_model_zip(path: Path, models_dir: Path) -> InstalledModel:
-    digest = cards.sha256_file(path)
-    unpacked = _writable_unpack_root(models_dir) / digest[:32]
-    if not unpacked.is_dir():
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=unpacked.parent))
-        safe_extract_zip(path, staging)
-        try:
-            os.rename(staging, unpacked)
-        except OSError:  # another job unpacked the same zip first
-            import shutil
+    """Unpack a model zip given by path (not installed) and load it.
 
-            shutil.rmtree(staging, ignore_errors=True)
+    Unpacked copies are kept in ``<models_dir>/.unpacked/<digest>`` and reused, after checking
+    that the copy's card is the zip's own. Where that folder cannot be written (a read-only
+    cache in a container) the zip goes to a private temporary folder of this process, never
+    to a shared predictable one that another user could have filled first.
+    """
+    digest = cards.sha256_file(path)
+    cache = _writable_cache_root(models_dir)
+    unpacked = cache / digest[:32] if cache is not None else None
+    if unpacked is None or not unpacked.is_dir():
+        parent = cache if cache is not None else _private_unpack_root()
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
+        safe_extract_zip(path, staging)
+        if unpacked is None:
+            unpacked = staging
+        else:
+            try:
+                os.rename(staging, unpacked)
+            except OSError:  # another job unpacked the same zip first
+                shutil.rmtree(staging, ignore_errors=True)
     found = [p for p in find_model_folders(unpacked) if (p / cards.CARD_FILENAME).is_file()]
     if len(found) != 1:
         raise InputDataError(
             "the zip holds no model with a card (cl_model.json)" if not found else
             f"the zip holds {len(found)} models with a card; install one with a name",
             path=path, hint="install it with 'cl-bidsapp-models install ZIP --card CARD.json'")
+    card = found[0] / cards.CARD_FILENAME
+    if not _same_as_in_zip(path, card, card.relative_to(unpacked).as_posix()):
+        raise InputDataError("the unpacked copy of this zip has another model card than the zip",
+                             path=card, hint=f"delete {unpacked} and run again")
     return load_model(found[0], source="path")
 
 
-def _writable_unpack_root(models_dir: Path) -> Path:
+def _same_as_in_zip(archive: Path, file: Path, member: str) -> bool:
+    import zipfile
+
+    with zipfile.ZipFile(archive) as zf:
+        try:
+            return zf.read(member) == file.read_bytes()
+        except KeyError:
+            return False
+
+
+def _writable_cache_root(models_dir: Path) -> Path | None:
+    """``<models_dir>/.unpacked`` when it can be written, else None."""
     root = models_dir / UNPACKED_DIRNAME
     try:
         root.mkdir(parents=True, exist_ok=True)
-        if os.access(root, os.W_OK):
-            return root
     except OSError:
-        pass
-    # a read-only cache (a container image): unpack per process instead
-    fallback = Path(tempfile.gettempdir()) / f"cl-bidsapp-models-{os.getuid()}"
-    try:
-        fallback.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot unpack the model zip ({exc.strerror})", path=fallback) from None
-    return fallback
+        return None
+    return root if os.access(root, os.W_OK) else None
+
+
+_PRIVATE_ROOT: list[Path] = []
+
+
+def _private_unpack_root() -> Path:
+    """A folder only this process uses (mode 0700), removed when the process exits."""
+    if not _PRIVATE_ROOT:
+        import atexit
+
+        try:
+            root = Path(tempfile.mkdtemp(prefix="cl-bidsapp-models-"))
+        except OSError as exc:
+            raise OutputError(f"cannot unpack the model zip ({exc.strerror})",
+                              path=tempfile.gettempdir()) from None
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        _PRIVATE_ROOT.append(root)
+    return _PRIVATE_ROOT[0]
 
 
 def list_models(models_dir: str | Path | None = None) -> list[tuple[str, Path, str, dict | None]]:
