@@ -43,7 +43,7 @@ def atomic_path(path: str | Path, mode: int = 0o644) -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix, dir=path.parent)
     except OSError as exc:
         # the folder exists but takes no new file: name the folder, not a temporary name
-        raise _write_error(exc, path.parent, "cannot create files in this folder") from None
+        raise write_error(exc, path.parent, "cannot create files in this folder") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -53,18 +53,18 @@ def atomic_path(path: str | Path, mode: int = 0o644) -> Iterator[Path]:
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
-        raise _write_error(exc, path, "cannot write") from None
+        raise write_error(exc, path, "cannot write") from None
     except BaseException:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
         raise
 
 
-def _write_error(exc: OSError, path: Path, refused: str) -> Exception:
+def write_error(exc: OSError, path: Path, refused: str) -> Exception:
     """The user-facing error for an OSError while writing ``path``.
 
     >>> import errno
-    >>> err = _write_error(PermissionError(errno.EACCES, "Permission denied"), Path("out"),
+    >>> err = write_error(PermissionError(errno.EACCES, "Permission denied"), Path("out"),
     ...                    "cannot write")
     >>> type(err).__name__, int(err.exit_code), err.message
     ('OutputError', 73, 'cannot write (Permission denied)')

@@ -138,6 +138,52 @@ def test_rewrites_its_own_dataset_but_refuses_other_folders(tmp_path):
     assert not (own / "derivatives/reference/sub-02").exists()
 
 
+def test_an_interrupted_run_leaves_the_earlier_dataset_as_it_was(tmp_path, monkeypatch):
+    import cl_bidsapp.simulate.dataset as dataset_module
+
+    own = simulate_dataset(tmp_path / "own", n_subjects=2, voxel_size=2.0, lesion_mean=0)
+    before = sorted(p.relative_to(own).as_posix() for p in own.rglob("*"))
+    real = dataset_module.simulate_session
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:          # Ctrl-C while the second subject is simulated
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dataset_module, "simulate_session", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        simulate_dataset(own, n_subjects=3, voxel_size=2.0, lesion_mean=0, seed=5)
+    assert sorted(p.relative_to(own).as_posix() for p in own.rglob("*")) == before
+    monkeypatch.setattr(dataset_module, "simulate_session", real)
+    # a killed run's staging folder (no cleanup) does not block the next run either
+    (own / ".simulating-killed" / "sub-01").mkdir(parents=True)
+    simulate_dataset(own, n_subjects=1, voxel_size=2.0, lesion_mean=0)
+    assert sorted(p.name for p in own.iterdir() if p.name.startswith(".")) == []
+    first = tmp_path / "first"
+    (first / ".simulating-killed").mkdir(parents=True)   # the very first run was killed
+    simulate_dataset(first, n_subjects=1, voxel_size=2.0, lesion_mean=0)
+    assert (first / "sub-01").is_dir()
+
+
+def test_a_folder_that_takes_no_new_file_is_refused_before_anything_is_deleted(
+        tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    own = simulate_dataset(tmp_path / "own", n_subjects=1, voxel_size=2.0, lesion_mean=0)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(own))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    with pytest.raises(OutputError, match="cannot create files in this folder") as err:
+        simulate_dataset(own, n_subjects=1, voxel_size=2.0, lesion_mean=0)
+    assert err.value.exit_code == 73 and err.value.path == str(own)
+    assert (own / "sub-01" / "anat" / "sub-01_UNIT1.nii.gz").is_file()
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"protocols": ("1.5T-FLAIR",)}, "unknown protocol"),
     ({"n_subjects": 0}, "n-subjects"),

@@ -129,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"cl-bidsapp-simulate: error: {err}", file=sys.stderr)
         return int(ExitCode.USAGE)
+    except KeyboardInterrupt:
+        print("cl-bidsapp-simulate: interrupted; nothing was changed in the target folder",
+              file=sys.stderr)
+        return 130
     LOGGER.info("wrote %s in %.1f s", out, time.monotonic() - start)
     return 0
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -29,7 +31,7 @@ import numpy as np
 
 from cl_bidsapp import __version__
 from cl_bidsapp.errors import OutputError, UsageError
-from cl_bidsapp.io import save_nifti, write_json, write_text
+from cl_bidsapp.io import save_nifti, write_error, write_json, write_text
 from cl_bidsapp.simulate.phantom import lesion_rows, simulate_session
 from cl_bidsapp.simulate.protocols import PROTOCOLS, get_protocol
 
@@ -116,7 +118,22 @@ def simulate_dataset(out_dir, n_subjects: int = 3, n_sessions: int = 1,
                                  lesion_contrast, noise, leukocortical_fraction,
                                  lesion_volume_scale)
     root = Path(out_dir)
-    _prepare(root)
+    staging = _prepare(root)
+    try:
+        _simulate_into(staging, n_subjects, n_sessions, protocols, voxel_size, lesion_mean,
+                       lesion_contrast, noise, seed, leukocortical_fraction,
+                       lesion_volume_scale)
+        _replace_dataset(root, staging)
+    except OSError as exc:
+        raise write_error(exc, Path(exc.filename or root), "cannot write") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return root
+
+
+def _simulate_into(root: Path, n_subjects, n_sessions, protocols, voxel_size, lesion_mean,
+                   lesion_contrast, noise, seed, leukocortical_fraction,
+                   lesion_volume_scale) -> None:
     settings = {"n_subjects": n_subjects, "n_sessions": n_sessions,
                 "protocols": [p.name for p in protocols], "voxel_size": voxel_size,
                 "lesion_mean": lesion_mean, "lesion_contrast": lesion_contrast, "noise": noise,
@@ -136,7 +153,6 @@ def simulate_dataset(out_dir, n_subjects: int = 3, n_sessions: int = 1,
             log.info("wrote sub-%02d%s (%s, %d lesions)", subject, f" {ses}" if ses else "",
                      protocol.name, len(phantom.lesions))
     _write_top_level(root, participants, settings)
-    return root
 
 
 def _check_arguments(n_subjects, n_sessions, protocols, voxel_size, lesion_mean,
@@ -168,10 +184,17 @@ def _check_arguments(n_subjects, n_sessions, protocols, voxel_size, lesion_mean,
     return resolved
 
 
-def _prepare(root: Path) -> None:
+#: The dataset is written into this hidden folder inside the target and moved into place at
+#: the end, so an interrupted or failed run leaves an earlier dataset as it was.
+_STAGING_PREFIX = ".simulating-"
+
+
+def _prepare(root: Path) -> Path:
+    """Check that ``root`` is new, empty or an earlier simulation; return a staging folder."""
     if root.exists() and not root.is_dir():
         raise OutputError("exists and is not a folder", path=root)
-    if root.is_dir() and any(root.iterdir()):
+    leftovers = sorted(root.glob(_STAGING_PREFIX + "*")) if root.is_dir() else []
+    if root.is_dir() and any(p not in leftovers for p in root.iterdir()):
         description = root / "dataset_description.json"
         try:
             generated = json.loads(description.read_text())["GeneratedBy"][0]["Name"]
@@ -180,13 +203,26 @@ def _prepare(root: Path) -> None:
         if generated != GENERATOR:
             raise OutputError("folder is not empty and was not written by " + GENERATOR,
                               path=root, hint="choose a new or empty folder")
-        for old in sorted(root.glob("sub-*")) + [root / REFERENCE]:
-            if old.is_dir():
-                shutil.rmtree(old)
+    for old in leftovers:          # from a run that was killed
+        shutil.rmtree(old, ignore_errors=True)
     try:
         root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=root))
     except OSError as exc:
-        raise OutputError(f"cannot create folder ({exc.strerror})", path=root) from None
+        raise write_error(exc, root, "cannot create files in this folder") from None
+
+
+def _replace_dataset(root: Path, staging: Path) -> None:
+    """Move the finished dataset from ``staging`` into ``root``, replacing an earlier one."""
+    for old in [*sorted(root.glob("sub-*")), root / REFERENCE]:
+        if old.is_dir():
+            shutil.rmtree(old)
+    for new in sorted(staging.iterdir()):
+        if new.name == REFERENCE.parts[0]:
+            (root / REFERENCE).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / REFERENCE, root / REFERENCE)
+        else:
+            os.replace(new, root / new.name)
 
 
 def _stem(subject: int, ses: str | None) -> tuple[Path, str]:
