@@ -163,7 +163,8 @@ array_and_group() {
   APP_OPTS=(--model "$(cat "$SCRATCH/model.path")" --no-tta --skip-bids-validation
             --omp-nthreads 1)
   local rc=0
-  cl-bidsapp-slurm submit "$SCRATCH/bids" "$SCRATCH/out" -w "$SCRATCH/work" \
+  # a work folder with a space: sbatch must get its #SBATCH paths quoted
+  cl-bidsapp-slurm submit "$SCRATCH/bids" "$SCRATCH/out" -w "$SCRATCH/work dir" \
     --cpus-per-task 1 --mem 3G --time 30:00 --wait --poll 1 -- "${APP_OPTS[@]}" \
     | tee "$SCRATCH/report.txt" || rc=$?
   [ "$rc" = 1 ] || { echo "expected exit 1 (one participant failed), got $rc" >&2; return 1; }

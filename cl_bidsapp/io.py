@@ -76,6 +76,8 @@ def write_error(exc: OSError, path: Path, refused: str) -> Exception:
         return OutputError(f"{refused} ({exc.strerror})", path=path,
                            hint="check the folder's permissions and that its file system is "
                                 "mounted writable (in a container: the bind mount)")
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):   # a file is in the way
+        return OutputError(f"{refused} ({exc.strerror})", path=path)
     return IOFailure(f"write failed ({exc.strerror or exc})", path=path)
 
 

@@ -193,6 +193,49 @@ def test_cli_dry_run_writes_scripts_for_a_container(tmp_path, dataset, capsys):
     assert "nothing submitted" in text
 
 
+def test_paths_with_spaces_are_quoted_in_sbatch_directives(tmp_path, dataset, capsys):
+    bids, _ = dataset
+    work = tmp_path / "my work"
+    code = main(["submit", str(bids), str(tmp_path / "out dir"), "-w", str(work), "--dry-run"])
+    assert code == 0, capsys.readouterr().err
+    script = next((work / "slurm").glob("*/participant.sbatch")).read_text()
+    directives = [ln for ln in script.splitlines() if ln.startswith("#SBATCH")]
+    for flag in ("--output", "--chdir"):
+        line = next(ln for ln in directives if ln.startswith(f"#SBATCH {flag}="))
+        assert line.startswith(f'#SBATCH {flag}="{work}/') and line.endswith('"'), line
+    # sbatch would split an unquoted value at the space: every directive is one word or quoted
+    assert all(" " not in ln.split("=", 1)[-1] or ln.split("=", 1)[-1].startswith('"')
+               for ln in directives)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cpus-per-task", "0"], "expected a positive integer, got '0'"),
+    (["--max-parallel", "-1"], "expected a positive integer, got '-1'"),
+])
+def test_resources_sbatch_would_reject_are_refused_at_once(tmp_path, dataset, capsys, args,
+                                                           message):
+    bids, _ = dataset
+    code = main(["submit", str(bids), str(tmp_path / "out"), "-w", str(tmp_path / "w"),
+                 "--dry-run", *args])
+    assert code == 64 and message in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+def test_unreadable_label_files_and_work_folders_are_explained(tmp_path, dataset, capsys):
+    bids, _ = dataset
+    binary = tmp_path / "labels.bin"
+    binary.write_bytes(bytes(range(128, 256)))
+    assert main(["submit", str(bids), str(tmp_path / "out"), "-w", str(tmp_path / "w"),
+                 "--participant-label", str(binary), "--dry-run"]) == 64
+    err = capsys.readouterr().err
+    assert f"{binary}: cannot read participant labels" in err and "Traceback" not in err
+    blocked = tmp_path / "blocked"
+    blocked.write_text("")                # a file where the work folder should be
+    code = main(["submit", str(bids), str(tmp_path / "out"), "-w", str(blocked), "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 73 and "cannot create the job folder" in err and "Traceback" not in err
+
+
 def test_labels_can_come_from_a_file(dataset, tmp_path):
     bids, _ = dataset
     listing = tmp_path / "todo.txt"

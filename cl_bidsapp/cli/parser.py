@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message, hint=f"see '{self.prog} --help'")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -185,9 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="brain-extraction tool (synthstrip must be installed)")
 
     g = p.add_argument_group("Performance")
-    g.add_argument("--nprocs", "--nthreads", "--n_cpus", dest="nprocs", type=_positive_int,
+    g.add_argument("--nprocs", "--nthreads", "--n_cpus", dest="nprocs", type=positive_int,
                    metavar="N", help="maximum number of parallel processes (default: all CPUs)")
-    g.add_argument("--omp-nthreads", type=_positive_int, metavar="N",
+    g.add_argument("--omp-nthreads", type=positive_int, metavar="N",
                    help="threads per process (torch, ITK); default: --nprocs shared by the "
                         "images (all for one image, 1 each when there are --nprocs or more)")
     g.add_argument("--mem", "--mem-mb", "--mem_mb", dest="mem", metavar="MEM",

@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from cl_bidsapp import __version__
+from cl_bidsapp.cli.parser import positive_int
 from cl_bidsapp.errors import CLBidsAppError, ExitCode, MissingInputError, UsageError
 
 LOGGER = logging.getLogger(__name__)
@@ -65,12 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any other command that runs cl-bidsapp (e.g. a wrapper that loads "
                         "an environment); it gets the usual arguments appended")
     g = s.add_argument_group("SLURM resources (per participant)")
-    g.add_argument("--cpus-per-task", type=int, default=4, metavar="N")
+    g.add_argument("--cpus-per-task", type=positive_int, default=4, metavar="N")
     g.add_argument("--mem", default="16G", help="memory per task, SLURM syntax (16G)")
     g.add_argument("--time", default="24:00:00", help="time limit per task")
     g.add_argument("--partition")
     g.add_argument("--account")
-    g.add_argument("--max-parallel", type=int, metavar="N",
+    g.add_argument("--max-parallel", type=positive_int, metavar="N",
                    help="at most N participants at once (--array=...%%N)")
     g.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
                    help="extra sbatch option for both jobs, e.g. --sbatch-arg=--qos=long")

@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 
 from cl_bidsapp import __version__
 from cl_bidsapp.errors import ExitCode, UsageError
-from cl_bidsapp.io import write_json, write_text
+from cl_bidsapp.io import write_error, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,15 @@ def participant_labels(bids_dir: Path, requested: Sequence[str] | None = None) -
     words: list[str] = []
     for value in requested or []:  # a value may be a file with one label per line
         path = Path(value)
-        words.extend(path.read_text().split() if path.is_file() else [value])
+        if path.is_file():
+            try:
+                words.extend(path.read_text(encoding="utf-8").split())
+            except (OSError, UnicodeDecodeError) as exc:
+                raise UsageError(f"cannot read participant labels from this file ({exc})",
+                                 path=path, hint="give a text file with one label per line"
+                                 ) from None
+        else:
+            words.append(value)
     requested = words
     if not requested:
         if not present:
@@ -114,9 +122,25 @@ def _q(args: Sequence[str | Path]) -> str:
     return " ".join(shlex.quote(str(a)) for a in args)
 
 
+def _directive(flag: str, value: str | Path) -> str:
+    """An ``#SBATCH`` line; sbatch splits directives at spaces unless the value is quoted.
+
+    >>> _directive("--chdir", "/scratch/my work/job")
+    '#SBATCH --chdir="/scratch/my work/job"'
+    >>> _directive("--chdir", "/scratch/job")
+    '#SBATCH --chdir=/scratch/job'
+    """
+    text = str(value)
+    if '"' in text or "\n" in text:
+        raise UsageError(f"a path in a SLURM directive cannot contain '\"' or a line break: "
+                         f"{text!r}", hint="use a work folder with a plain name")
+    return f'#SBATCH {flag}="{text}"' if any(c.isspace() for c in text) else \
+        f"#SBATCH {flag}={text}"
+
+
 def _header(plan: ArrayPlan, name: str, output: str) -> list[str]:
-    lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --output={output}",
-             f"#SBATCH --chdir={plan.job_dir}", f"#SBATCH --cpus-per-task={plan.cpus}"]
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", _directive("--output", output),
+             _directive("--chdir", plan.job_dir), f"#SBATCH --cpus-per-task={plan.cpus}"]
     if plan.mem:
         lines.append(f"#SBATCH --mem={plan.mem}")
     if plan.time:
@@ -207,7 +231,11 @@ def group_script(plan: ArrayPlan) -> str:
 def write_job_folder(plan: ArrayPlan) -> dict[str, Path]:
     """Write the participants list, both scripts and ``job.json``; return the scripts."""
     for sub in ("logs", "status"):
-        (plan.job_dir / sub).mkdir(parents=True, exist_ok=True)
+        try:
+            (plan.job_dir / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(exc, Path(exc.filename or plan.job_dir),
+                              "cannot create the job folder") from None
     write_text(plan.job_dir / PARTICIPANTS_FILE, "".join(f"{x}\n" for x in plan.labels))
     scripts = {"participant": plan.job_dir / "participant.sbatch"}
     write_text(scripts["participant"], participant_script(plan))
