@@ -177,6 +177,12 @@ def test_cli_refuses_bad_app_options_before_submitting(tmp_path, dataset, capsys
     assert main(["submit", str(bids), str(tmp_path / "out"), "-w", str(work),
                  "--participant-label", "09"]) == 64
     assert main(["submit", str(bids), str(bids / "derivatives-not"), "-w", str(work)]) == 64
+    # a model typo fails on the login node, not in every task after hours in the queue
+    capsys.readouterr()
+    assert main(["submit", str(bids), str(tmp_path / "out"), "-w", str(work), "--dry-run",
+                 "--", "--model", "no-such-model"]) == 66
+    assert "no-such-model" in capsys.readouterr().err
+    assert not (work / "slurm").exists()
 
 
 def test_cli_dry_run_writes_scripts_for_a_container(tmp_path, dataset, capsys):

@@ -102,7 +102,7 @@ def _check_app_args(bids_dir: Path, output_dir: Path, app_args: list[str]) -> No
     for flag in ("--participant-label", "--participant_label", "-w", "--work-dir"):
         if flag in app_args:
             raise UsageError(f"give {flag} to cl-bidsapp-slurm itself, not after '--'")
-    app_parser().parse_args([str(bids_dir), str(output_dir), "participant", *app_args])
+    return app_parser().parse_args([str(bids_dir), str(output_dir), "participant", *app_args])
 
 
 def _container_commands(args, paths: list[Path]) -> tuple[list[str], list[str]]:
@@ -126,7 +126,7 @@ def make_plan(args, app_args: list[str]):
     if not bids_dir.is_dir():
         raise MissingInputError("the BIDS folder does not exist", path=args.bids_dir)
     check_paths(bids_dir, output_dir, work_dir)
-    _check_app_args(bids_dir, output_dir, app_args)
+    app_opts = _check_app_args(bids_dir, output_dir, app_args)
     labels = participant_labels(bids_dir, args.participant_label)
     if args.container is not None and args.app_command:
         raise UsageError("give --container or --app-command, not both")
@@ -140,6 +140,11 @@ def make_plan(args, app_args: list[str]):
     else:
         app = [sys.executable, "-m", "cl_bidsapp"]
         tool = [sys.executable, "-m", "cl_bidsapp.cli.slurm"]
+        # the tasks run this installation: a missing or damaged model fails now, not after
+        # hours in the queue (inside a container only the tasks can see its models)
+        from cl_bidsapp.models.registry import resolve_model
+
+        resolve_model(app_opts.model, app_opts.models_dir)
     sbatch_args = list(args.sbatch_arg) + (["--gres=gpu:1"] if args.gpu else [])
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     job_dir = work_dir / "slurm" / stamp
