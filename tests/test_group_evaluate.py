@@ -146,6 +146,23 @@ def test_a_reference_on_another_grid_is_refused_naming_both_files(tmp_path):
     assert error_map is None                               # nothing half-evaluated
 
 
+def test_a_prediction_off_its_own_outputs_grid_is_blamed_on_the_prediction(tmp_path):
+    ref = _empty(); ref[4:6, 4:6, 4:6] = True
+    shifted = np.eye(4); shifted[:3, 3] = 2.0
+    brain = _save(tmp_path / "brain.nii.gz", np.ones(SHAPE, bool))
+    pred = _save(tmp_path / "pred.nii.gz", ref, shifted)     # edited after the run
+    job = {"bids_name": "sub-01_T1w", "prediction": pred, "brain_mask": brain,
+           "reference": _save(tmp_path / "ref.nii.gz", ref), "probability": None,
+           "error_map": str(tmp_path / "errors.nii.gz"), "sidecar": {}}
+    result = evaluate_image(job)
+    assert result["problem_source"] == "prediction"
+    assert "pred.nii.gz" in result["problem"] and "brain.nii.gz" in result["problem"]
+    assert "run the participant level again" in result["problem"]
+    # the reference off the grid stays the reference's fault
+    result, _ = _evaluate(tmp_path, ref, ref, brain=np.ones(SHAPE, bool), ref_affine=shifted)
+    assert result["problem_source"] == "reference"
+
+
 def test_an_unreadable_reference_is_reported_not_raised(tmp_path):
     pred = _save(tmp_path / "pred.nii.gz", _empty())
     broken = tmp_path / "ref.nii.gz"

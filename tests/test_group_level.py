@@ -210,3 +210,78 @@ def test_a_reference_on_another_grid_is_exit_65_after_the_others(study, tmp_path
     assert len(scores) == len(items) - 1
     images = _tsv(settings.output_dir / "group" / "group_images.tsv").set_index("bids_name")
     assert "reference_unusable" in images.loc[items[0].bids_name, "qc_flags"]
+
+
+def _copy_of(study, tmp_path, **changes):
+    """The study's settings with its own copy of the participant outputs."""
+    import shutil
+
+    settings, items = study
+    out = tmp_path / "out"
+    shutil.copytree(settings.output_dir, out, ignore=shutil.ignore_patterns("group"))
+    fields = {**settings.__dict__, "output_dir": out, "work_dir": tmp_path / "work", **changes}
+    return settings.__class__(**fields), items
+
+
+def test_a_rerun_leaves_no_results_of_the_earlier_run_beside_its_own(study, tmp_path):
+    settings, items = _copy_of(study, tmp_path)
+    group = settings.output_dir / "group"
+    assert run_group_level(settings, items, {"Name": "phantoms"}, frequency_map=False) == 0
+    error_maps = sorted(settings.output_dir.rglob("*_desc-errors_dseg.*"))
+    assert (group / "group_evaluation_strata.tsv").is_file() and len(error_maps) == 6
+    (group / "figures" / "group_desc-erroranalysis_plot.png").stat()
+    unrelated = settings.output_dir / "sub-01" / "anat" / "my_notes.txt"
+    unrelated.write_text("not the group level's")
+    # the same outputs evaluated again without reference masks: no evaluation at all now
+    plain = settings.__class__(**{**settings.__dict__, "reference_masks": None})
+    assert run_group_level(plain, items, {"Name": "phantoms"}, frequency_map=False) == 0
+    assert not list(group.rglob("group_evaluation*")) and not list(group.rglob("*erroranalysis*"))
+    assert not list(settings.output_dir.rglob("*_desc-errors_dseg.*"))
+    assert (group / "group_images.tsv").is_file() and unrelated.is_file()
+    html = (group / "group_report.html").read_text()
+    assert "group_evaluation" not in html and "desc-errors" not in html
+
+
+def test_reference_masks_matching_no_image_exit_66_and_the_report_says_so(study, tmp_path):
+    empty = tmp_path / "masks"
+    (empty / "sub-07" / "anat").mkdir(parents=True)   # masks of a participant not processed
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)),
+             str(empty / "sub-07" / "anat" / "sub-07_label-CL_mask.nii.gz"))
+    settings, items = _copy_of(study, tmp_path, reference_masks=empty)
+    with pytest.raises(MissingInputError) as caught:
+        run_group_level(settings, items, {"Name": "phantoms"}, frequency_map=False)
+    assert caught.value.exit_code == 66 and caught.value.path == str(empty)
+    assert f"matches any of the {len(items)} processed image(s)" in str(caught.value)
+    assert "_label-CL_mask.nii.gz" in str(caught.value)       # says what name it looks for
+    html = (settings.output_dir / "group" / "group_report.html").read_text()
+    assert f"matches any of the {len(items)} processed image(s)" in html
+
+
+def test_a_damaged_lesion_mask_is_flagged_not_blamed_on_the_reference_nor_mapped(
+        study, tmp_path, stand_in_templateflow, monkeypatch):
+    settings, items = _copy_of(study, tmp_path)
+    name = items[0].bids_name
+    mask = next(settings.output_dir.glob(f"sub-{items[0].subject}/anat/*_label-CL_mask.nii.gz"))
+    data = mask.read_bytes()
+    mask.write_bytes(data[: len(data) * 2 // 3])        # a copy that did not finish
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(stand_in_templateflow))
+
+    def flags_and_reasons():
+        images = _tsv(settings.output_dir / "group" / "group_images.tsv").set_index("bids_name")
+        return images.loc[name, "qc_flags"], images.loc[name, "qc_reasons"]
+
+    # the map alone (ITK would read the cut file without complaint, with half its lesions)
+    plain = settings.__class__(**{**settings.__dict__, "reference_masks": None})
+    assert run_group_level(plain, items, {"Name": "phantoms"}) == 0
+    flags, reasons = flags_and_reasons()
+    assert flags == "missing_outputs" and mask.name in reasons and "truncated" in reasons
+    assert "left out of the lesion frequency map" in reasons
+    sidecar = json.loads((settings.output_dir / "group" / MAP_NAME.replace(".nii.gz", ".json"))
+                         .read_text())
+    assert (sidecar["NumberOfImages"], sidecar["ImagesLeftOut"]) == (len(items) - 1, 1)
+    # with reference masks: the prediction is at fault, not the reference
+    assert run_group_level(settings, items, {"Name": "phantoms"}, frequency_map=False) == 0
+    flags, reasons = flags_and_reasons()
+    assert flags == "missing_outputs" and "not evaluated" in reasons
+    scores = _tsv(settings.output_dir / "group" / "group_evaluation.tsv")
+    assert name not in set(scores["bids_name"]) and len(scores) == len(items) - 1

@@ -498,8 +498,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     if settings.use_plugin is not None:
         _check_plugin(settings.use_plugin)
     if settings.reference_masks is not None and not settings.reference_masks.is_dir():
-        raise MissingInputError("the reference-masks folder does not exist",
-                                path=settings.reference_masks)
+        raise MissingInputError("the reference-masks folder does not exist"
+                                if not settings.reference_masks.exists() else
+                                "--reference-masks must be a folder (a BIDS derivatives "
+                                "dataset of masks), not a file", path=settings.reference_masks)
     if settings.bids_dir.exists():
         check_paths(settings.bids_dir, settings.output_dir, settings.effective_work_dir(),
                     work_given=settings.work_dir is not None)

@@ -116,7 +116,8 @@ def evaluate_image(job: dict[str, Any]) -> dict[str, Any]:
     -------
     dict
         ``bids_name``, the scores of :data:`SCORE_COLUMNS`, ``problem`` (None, or why the
-        reference could not be used, naming both files), ``lesions`` (the per-lesion rows of
+        pair could not be scored, naming the files), ``problem_source`` (``"reference"`` or
+        ``"prediction"``: which file is at fault), ``lesions`` (the per-lesion rows of
         :func:`cl_bidsapp.group.error_analysis.image_lesion_rows`) and ``notes`` (inputs of
         the error analysis that could not be used).
     """
@@ -129,25 +130,43 @@ def evaluate_image(job: dict[str, Any]) -> dict[str, Any]:
     from cl_bidsapp.io import save_nifti, write_json
 
     result: dict[str, Any] = {"bids_name": job["bids_name"], "problem": None, "lesions": [],
-                              "notes": []}
+                              "notes": [], "problem_source": None}
+
+    def refuse(source: str, problem: str) -> dict[str, Any]:
+        result.update(problem=problem, problem_source=source)
+        return result
+
     try:
         predicted_img = load_image(job["prediction"])
+    except CLBidsAppError as exc:
+        return refuse("prediction", f"the participant level's lesion mask is unusable: {exc}")
+    try:
         reference_img = load_image(job["reference"])
     except CLBidsAppError as exc:
-        result["problem"] = str(exc)
-        return result
+        return refuse("reference", str(exc))
+    if job.get("brain_mask"):
+        # the participant outputs share one grid: a prediction off it was changed afterwards
+        try:
+            brain_img = load_image(job["brain_mask"])
+        except CLBidsAppError:
+            brain_img = None
+        if brain_img is not None and not compare_grids(brain_img, predicted_img)[0]:
+            return refuse("prediction", f"prediction {job['prediction']} is not on the grid of "
+                                        f"its brain mask {job['brain_mask']}: the participant "
+                                        "outputs were changed after the run; run the "
+                                        "participant level again")
     same, message = compare_grids(reference_img, predicted_img,
                                   names=(f"reference mask {job['reference']}",
                                          f"prediction {job['prediction']}"))
     if not same:
-        result["problem"] = message + "; resample the reference onto the source image's grid"
-        return result
+        return refuse("reference",
+                      message + "; resample the reference onto the source image's grid")
     shape = predicted_img.shape[:3]
     predicted = np.asarray(predicted_img.dataobj).reshape(shape)
     reference = np.asarray(reference_img.dataobj).reshape(shape)
     if not np.isfinite(reference).all():
-        result["problem"] = f"reference mask {job['reference']} has NaN or infinite values"
-        return result
+        return refuse("reference", f"reference mask {job['reference']} has NaN or infinite "
+                                   "values")
     detection = lesion_detection(predicted, reference)
     result.update(detection.scores())
     result["dsc"] = dice(predicted, reference)

@@ -71,16 +71,19 @@ def make_frequency_map(summaries: Sequence[ImageSummary], template: TemplateFile
 
     start = time.monotonic()
     by_name = {s.bids_name: s for s in summaries}
+    result = FrequencyMap()
     jobs = []
     for s in summaries:
         files = [s.output(k) for k in ("preproc", "lesion_mask", "brain_mask")]
-        if not s.ok or any(f is None for f in files):
+        if s.status != "ok":                  # never processed: not one of the map's images
+            continue
+        if not s.ok or any(f is None for f in files):   # flagged missing_outputs already
+            result.n_left_out += 1
             continue
         jobs.append({"bids_name": s.bids_name, "preproc": str(files[0]),
                      "lesion_mask": str(files[1]), "brain_mask": str(files[2]),
                      "template_t1w": str(template.t1w), "template_mask": str(template.brain_mask),
                      "template_key": template.cache_key(), "cache_dir": str(cache_dir)})
-    result = FrequencyMap()
     from cl_bidsapp.group.register import is_cached
 
     # cached transforms only need warping (a fraction of a second): not worth a worker
@@ -100,6 +103,11 @@ def make_frequency_map(summaries: Sequence[ImageSummary], template: TemplateFile
                                        (threads,)))
     for out in outputs:
         summary = by_name[out["bids_name"]]
+        if out.get("damaged"):
+            summary.flag("missing_outputs", f"{out['damaged']}; left out of the lesion "
+                                            "frequency map")
+            result.n_left_out += 1
+            continue
         dice = out.get("brain_dice")
         summary.values["template_brain_dice"] = None if dice is None else round(dice, 4)
         flag_registration(summary, dice, out.get("error"))

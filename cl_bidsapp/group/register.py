@@ -196,10 +196,22 @@ def register_and_warp(job: dict[str, Any]) -> dict[str, Any]:
     dict
         ``bids_name``; ``lesions`` (bit-packed boolean array on the template grid);
         ``brain_dice`` (warped brain mask against the template brain mask); ``seconds``,
-        ``cached``; or ``error`` (a sentence) when registration failed.
+        ``cached``; or ``error`` (a sentence) when registration failed; or ``damaged``
+        (naming the file) when a mask cannot be read completely.
     """
+    from cl_bidsapp.core.images import load_image
+    from cl_bidsapp.errors import CLBidsAppError
+
     start = time.monotonic()
     out: dict[str, Any] = {"bids_name": job["bids_name"], "error": None}
+    try:
+        # ITK reads a truncated .nii.gz without complaint (a mask with half its lesions):
+        # read the masks through nibabel first, which reads every byte and says what is wrong
+        for key in ("lesion_mask", "brain_mask"):
+            load_image(job[key])
+    except CLBidsAppError as exc:
+        out["damaged"] = str(exc)
+        return out
     try:
         transform, cached = cached_transform(
             Path(job["preproc"]), job["template_key"], Path(job["cache_dir"]),

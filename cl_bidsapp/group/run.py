@@ -81,6 +81,7 @@ def run_group_level(settings, items: Sequence, raw_description: dict, *,
     group_dir = out / GROUP_FOLDER
     participants = read_participants(settings.bids_dir)
     summaries = [summarise_image(item, out, participants) for item in items]
+    earlier = _earlier_outputs(out, group_dir, summaries)
     logger.info("Group level: %d image(s) planned, %d processed", len(summaries),
                 sum(s.status == "ok" for s in summaries))
     has_site = any(s.values.get("site") for s in summaries)
@@ -121,6 +122,7 @@ def run_group_level(settings, items: Sequence, raw_description: dict, *,
     inputs.figures["distributions"] = distribution_figure([s.values for s in summaries])
     _save_figure(group_dir, "group_desc-distributions_plot.png",
                  inputs.figures["distributions"])
+    _remove_unwritten(earlier, keep=group_dir / REPORT_NAME)
     inputs.files = sorted(p.relative_to(out).as_posix() for p in group_dir.glob("*")
                           if p.is_file() and p.name != REPORT_NAME)
     write_report(summaries, inputs, group_dir)
@@ -142,6 +144,15 @@ def _evaluate(summaries, reference_dir: Path, out: Path, group_dir: Path, nprocs
         return MissingInputError(message, path=reference_dir)
     jobs, unmatched = evaluation.evaluation_jobs(summaries, reference_dir, out)
     inputs.no_reference = len(unmatched)
+    if unmatched and not jobs:
+        message = (f"no reference mask here matches any of the {len(unmatched)} processed "
+                   f"image(s) (e.g. {unmatched[0].bids_name}); nothing was evaluated")
+        inputs.evaluation_problems.append(f"{reference_dir}: {message}")
+        logger.warning("%s: %s", reference_dir, message)
+        return MissingInputError(message, path=reference_dir,
+                                 hint="masks are found by the image's entities, e.g. "
+                                      f"{unmatched[0].bids_name.rsplit('_', 1)[0]}"
+                                      "_label-CL_mask.nii.gz (docs/group.md, Evaluation mode)")
     by_name = {s.bids_name: s for s in summaries}
     job_of = {j["bids_name"]: j for j in jobs}
     rows, unusable, lesion_rows = [], [], LesionRows()
@@ -149,9 +160,12 @@ def _evaluate(summaries, reference_dir: Path, out: Path, group_dir: Path, nprocs
     for result in run_jobs(evaluation.evaluate_image, jobs, nprocs, jobs_per_worker=4):
         summary = by_name[result["bids_name"]]
         if result["problem"]:
+            logger.warning("evaluation of %s skipped: %s", summary.bids_name, result["problem"])
+            if result.get("problem_source") == "prediction":   # a damaged participant output
+                summary.flag("missing_outputs", result["problem"] + "; not evaluated")
+                continue
             summary.flag("reference_unusable", result["problem"])
             unusable.append(result["problem"])
-            logger.warning("evaluation of %s skipped: %s", summary.bids_name, result["problem"])
             continue
         job = job_of[summary.bids_name]
         row = {c: summary.values.get(c) for c in ("bids_name", "participant_id", "session_id",
@@ -212,6 +226,42 @@ def _frequency_map(summaries, settings, group_dir: Path, inputs: ReportInputs
     inputs.figures["frequency"] = figure
     _save_figure(group_dir, "group_desc-frequency_plot.png", figure)
     return None
+
+
+def _earlier_outputs(out: Path, group_dir: Path, summaries) -> dict[Path, tuple[int, int]]:
+    """Files an earlier group run may have written: everything under ``group/`` and the
+    error maps of this run's images, with their (inode, mtime) now."""
+    from cl_bidsapp.bids.derivatives import output_path, source_entities
+
+    files = [p for p in group_dir.rglob("*") if p.is_file()] if group_dir.is_dir() else []
+    for s in summaries:
+        error_map = output_path(out, source_entities(s.bids_name + ".nii.gz", s.source_suffix),
+                                "error_map")
+        files += [error_map, error_map.with_name(error_map.name.replace(".nii.gz", ".json"))]
+    earlier = {}
+    for path in files:
+        try:
+            info = path.stat()
+        except OSError:
+            continue
+        earlier[path] = (info.st_ino, info.st_mtime_ns)
+    return earlier
+
+
+def _remove_unwritten(earlier: dict[Path, tuple[int, int]], keep: Path) -> None:
+    """Remove what an earlier run wrote and this one did not rewrite, so that no table,
+    map or figure from another run (other masks, template or images) sits beside this one's.
+    Every output is written through a new file and a rename, so a rewritten file has a new
+    inode or mtime."""
+    for path, identity in earlier.items():
+        try:
+            info = path.stat()
+            if path != keep and (info.st_ino, info.st_mtime_ns) == identity:
+                path.unlink()
+                logger.info("Removed %s: an earlier group run wrote it and this run does not",
+                            path)
+        except OSError:
+            continue
 
 
 def _save_figure(group_dir: Path, name: str, png: bytes | None) -> None:
