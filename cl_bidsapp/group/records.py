@@ -5,7 +5,8 @@ The group level never recomputes images: it reads the per-image record
 the record names. Each planned image becomes an :class:`ImageSummary`: the values of its row in
 ``group/group_images.tsv`` plus what later steps need (output paths, warnings, model). An image
 without a record is kept, with status ``missing``, so that the tables account for every image
-that should have been processed.
+that should have been processed; so is an image whose record cannot be read or has fields
+of the wrong type (a hand-edited record), with a reason naming the record and the fields.
 
 >>> import tempfile
 >>> out = Path(tempfile.mkdtemp())
@@ -18,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -60,33 +62,89 @@ def record_path(output_dir: Path, subject: str, bids_name: str) -> Path:
     return Path(output_dir) / f"sub-{subject}" / "log" / f"{bids_name}_record.json"
 
 
-def read_participants(bids_dir: str | Path | None) -> dict[str, dict[str, str]]:
+#: What BIDS writes in a TSV cell for a missing value (an empty cell means the same here).
+MISSING = "n/a"
+
+
+def read_participants(bids_dir: str | Path | None) -> dict[str, dict[str, str | None]]:
     """Rows of ``participants.tsv`` by subject label (without ``sub-``); empty when absent.
+
+    ``n/a`` (BIDS for a missing value) and empty cells are read as None, so that a participant
+    whose site or protocol is ``n/a`` gets no site group and an ``unknown`` domain. The file
+    never stops the group level (it only adds sites and protocols): what cannot be used is
+    logged as a warning naming the file and the line, and the rest is read.
+
+    * a byte-order mark (Excel's "UTF-8" export) is ignored;
+    * a row with fewer values than the header: the missing values are None;
+    * a row with more values than the header: the extra values are ignored;
+    * a row without a participant_id is ignored; a participant listed twice keeps its last row;
+    * no ``participant_id`` column, or a file that cannot be read: nothing is used.
 
     >>> import tempfile
     >>> d = Path(tempfile.mkdtemp())
     >>> _ = (d / "participants.tsv").write_text("participant_id\\tsite\\nsub-01\\tBasel\\n")
     >>> read_participants(d)
     {'01': {'participant_id': 'sub-01', 'site': 'Basel'}}
+    >>> _ = (d / "participants.tsv").write_text("participant_id\\tsite\\nsub-01\\tn/a\\n")
+    >>> read_participants(d)
+    {'01': {'participant_id': 'sub-01', 'site': None}}
     """
     if bids_dir is None:
         return {}
     path = Path(bids_dir) / "participants.tsv"
     if not path.is_file():
         return {}
-    rows: dict[str, dict[str, str]] = {}
+    rows: dict[str, dict[str, str | None]] = {}
+    lines: dict[str, int] = {}
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            for row in csv.DictReader(fh, delimiter="\t"):
-                pid = (row.get("participant_id") or "").strip()
-                if pid:
-                    rows[pid.removeprefix("sub-")] = {k: (v or "").strip() for k, v in row.items()
-                                                      if k is not None}
+        # utf-8-sig: a byte-order mark would otherwise glue itself to "participant_id"
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh, delimiter="\t")
+            header = [name.strip() for name in next(reader, [])]
+            if "participant_id" not in header:
+                shown = ", ".join(repr(n) for n in header) if any(header) else "none"
+                logger.warning("%s has no participant_id column (columns: %s): its sites and "
+                               "protocols are not used", path, shown)
+                return {}
+            for fields in reader:
+                line = reader.line_num
+                if not any(f.strip() for f in fields):
+                    continue  # blank line
+                if len(fields) < len(header):
+                    logger.warning(
+                        "%s, line %d: %d value(s) where the header has %d column(s); the "
+                        "missing value(s) of %s are read as n/a", path, line, len(fields),
+                        len(header), ", ".join(header[len(fields):]))
+                elif len(fields) > len(header):
+                    logger.warning(
+                        "%s, line %d: %d value(s) where the header has %d column(s); the "
+                        "extra value(s) %s are ignored (a tab inside a value?)", path, line,
+                        len(fields), len(header),
+                        ", ".join(repr(f) for f in fields[len(header):]))
+                row = {name: _cell(value) for name, value in zip(header, fields) if name}
+                row.update((name, None) for name in header[len(fields):] if name)
+                pid = row.get("participant_id")
+                if not pid:
+                    logger.warning("%s, line %d: no participant_id; the row is ignored", path,
+                                   line)
+                    continue
+                label = pid.removeprefix("sub-")
+                if label in lines:
+                    logger.warning("%s, line %d: %s is listed again (first on line %d); this "
+                                   "row is used", path, line, pid, lines[label])
+                rows[label] = row
+                lines[label] = line
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         # participants.tsv only adds the site; a broken one must not stop the group level
         logger.warning("%s cannot be read (%s): sites are left empty", path, exc)
         return {}
     return rows
+
+
+def _cell(value: str) -> str | None:
+    """A participants.tsv value, None when missing (``n/a`` or empty)."""
+    value = value.strip()
+    return None if not value or value.lower() == MISSING else value
 
 
 @dataclass
@@ -180,8 +238,8 @@ class _Item(NamedTuple):
         return "_".join([f"{k}-{v}" for k, v in self.entities.items()] + [self.source_suffix])
 
 
-def summarise_image(item, output_dir: Path, participants: dict[str, dict[str, str]]
-                    ) -> ImageSummary:
+def summarise_image(item, output_dir: Path,
+                    participants: dict[str, dict[str, str | None]]) -> ImageSummary:
     """Read one planned image's record and check the files it names.
 
     Parameters
@@ -198,7 +256,10 @@ def summarise_image(item, output_dir: Path, participants: dict[str, dict[str, st
     -------
     ImageSummary
         Status ``ok``, ``failed`` or ``missing``; flags ``failed`` and ``missing_outputs``
-        are raised here, with reasons that name the files.
+        are raised here, with reasons that name the files. A record that cannot be read, or
+        whose fields have the wrong JSON type (:func:`record_type_problems`), gives status
+        ``missing`` and ``missing_outputs`` naming the record and the fields: the group level
+        goes on with the other images.
     """
     output_dir = Path(output_dir)
     entities = dict(item.entities)
@@ -228,8 +289,15 @@ def summarise_image(item, output_dir: Path, participants: dict[str, dict[str, st
         summary.flag("missing_outputs", f"the record {values['record']} cannot be read ({exc}); "
                                         "rerun the participant level for this subject")
         return summary
-    summary.warnings = [str(w) for w in record.get("warnings") or []]
     status = record.get("status")
+    problems = record_type_problems(record)
+    if problems:
+        values["status"] = "missing"
+        summary.flag("missing_outputs", f"the record {values['record']} cannot be used: "
+                                        f"{'; '.join(problems)} (edited by hand or damaged?); "
+                                        "rerun the participant level for this subject")
+        return summary
+    summary.warnings = [str(w) for w in record.get("warnings") or []]
     values["status"] = _shared(status) if status in ("ok", "failed") else "missing"
     _fill_provenance(values, record)
     if status == "failed":
@@ -260,6 +328,95 @@ def summarise_image(item, output_dir: Path, participants: dict[str, dict[str, st
     return summary
 
 
+#: JSON types (as Python decodes them) by the names a user reads in a message.
+_TYPE_NAMES = {bool: "true/false", str: "a string", int: "a number", float: "a number",
+               dict: "an object", list: "a list"}
+_NUMBER = (int, float)
+
+#: The record fields the group level reads (any status), with the JSON type each must have
+#: when present and not null; for objects, the type of each member it reads.
+_COMMON_FIELDS: dict[str, tuple[type | tuple[type, ...], dict[str, Any] | None]] = {
+    "warnings": (list, None),
+    "model": (dict, {"Name": (str, int, float), "Version": (str, int, float), "SHA256": str,
+                     "IsDemo": bool}),
+    "settings": (dict, {"threshold": _NUMBER}),
+    "masking_method": (str, None),
+}
+#: Read for a failed image only (in the reason shown to the user).
+_FAILED_FIELDS: dict[str, tuple[type | tuple[type, ...], dict[str, Any] | None]] = {
+    "error": ((str, int, float), None), "exit_code": ((int, float, str), None),
+    "crash_file": (str, None),
+}
+#: Read for a processed image only.
+_OK_FIELDS: dict[str, tuple[type | tuple[type, ...], dict[str, Any] | None]] = {
+    "outputs": (dict, None),
+    "lesions": (dict, {"count": _NUMBER, "total_volume_mm3": _NUMBER,
+                       "min_size_voxels": _NUMBER}),
+    "brain": (dict, {"brain_volume_ml": _NUMBER,
+                     **{f"intensity_{k}": _NUMBER for k in INTENSITY_KEYS}}),
+    "ood": (dict, {"score": _NUMBER, "threshold": _NUMBER, "verdict": str}),
+}
+
+
+def record_type_problems(record: dict[str, Any]) -> list[str]:
+    """What in a record has the wrong JSON type, in words; empty when it can be used.
+
+    Only the fields the group level reads are checked, those of the record's status (a failed
+    record has no outputs). A field that is absent or null is not a problem (it is left n/a).
+
+    >>> record_type_problems({"status": "ok", "outputs": "lesions.tsv", "lesions": [4, 184]})
+    ["field 'outputs' is a string, not an object", "field 'lesions' is a list, not an object"]
+    >>> record_type_problems({"status": "ok", "model": {"SHA256": 12, "IsDemo": "no"}})
+    ["field 'model.SHA256' is a number, not a string", "field 'model.IsDemo' is a string, \
+not true/false"]
+    >>> record_type_problems({"status": "failed", "outputs": "ignored", "exit_code": 65})
+    []
+    """
+    fields = dict(_COMMON_FIELDS)
+    if record.get("status") == "failed":
+        fields.update(_FAILED_FIELDS)
+    elif record.get("status") == "ok":
+        fields.update(_OK_FIELDS)
+    problems = []
+    for name, (kind, members) in fields.items():
+        value = record.get(name)
+        problem = _type_problem(name, value, kind)
+        if problem:
+            problems.append(problem)
+        elif name == "warnings" and value:
+            problems += [f"warning {i} in field 'warnings' is {_json_name(w)}, not a string"
+                         for i, w in enumerate(value, start=1) if not isinstance(w, str)][:1]
+        elif name == "outputs" and value:  # file paths, relative to the output folder
+            problems += [f"field 'outputs.{kind_}' is {_json_name(rel)}, not a string"
+                         for kind_, rel in value.items() if not isinstance(rel, str)]
+        elif members and value:
+            problems += [p for member, member_kind in members.items()
+                         if (p := _type_problem(f"{name}.{member}", value.get(member),
+                                                member_kind))]
+    return problems
+
+
+def _type_problem(name: str, value: Any, kind: type | tuple[type, ...]) -> str | None:
+    """``field 'name' is X, not Y`` when ``value`` (not None) is not of type ``kind``."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # JSON true/false are Python bools, which are ints: a number field must not take them
+    if value is None or (isinstance(value, kinds)
+                         and (bool in kinds or not isinstance(value, bool))):
+        return None
+    wanted = " or ".join(dict.fromkeys(_TYPE_NAMES[k] for k in kinds))
+    return f"field {name!r} is {_json_name(value)}, not {wanted}"
+
+
+def _json_name(value: Any) -> str:
+    """The JSON type of a decoded value, in words (``a string``, ``an object``...)."""
+    if value is None:
+        return "null"
+    for kind in (bool, str, int, float, dict, list):
+        if isinstance(value, kind):
+            return _TYPE_NAMES[kind]
+    return type(value).__name__
+
+
 def _fill_provenance(values: dict, record: dict) -> None:
     model = record.get("model") or {}
     if model:
@@ -285,8 +442,11 @@ def _fill_results(values: dict, record: dict) -> None:
     if ood:  # out-of-distribution score (docs/ood.md)
         values["ood_score"] = _number(ood.get("score"))
         values["ood_threshold"] = _number(ood.get("threshold"))
-        values["ood_verdict"] = _shared(ood.get("verdict") if ood.get("verdict") in (
-            "inside", "outside") else "unknown")
+        verdict = ood.get("verdict")
+        if verdict not in ("inside", "outside") or (
+                verdict == "outside" and None in (values["ood_score"], values["ood_threshold"])):
+            verdict = "unknown"  # "outside" is reported with its score and threshold
+        values["ood_verdict"] = _shared(verdict)
 
 
 def _shared(value):
@@ -295,13 +455,21 @@ def _shared(value):
 
 
 def _number(value, kind=float):
-    """``value`` as a number, or None when absent or not numeric (hand-edited records)."""
+    """``value`` as a number, or None when absent, not numeric or not finite.
+
+    JSON from Python may hold ``NaN`` and ``Infinity`` (hand-edited records); they become
+    missing values (``n/a``) rather than numbers that spoil the outlier statistics.
+
+    >>> _number(3.0, int), _number(float("inf"), int), _number(float("nan")), _number(True)
+    (3, None, None, None)
+    """
     if value is None or isinstance(value, bool):
         return None
     try:
-        return kind(value)
-    except (TypeError, ValueError):
+        number = kind(value)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(Infinity)
         return None
+    return number if math.isfinite(number) else None
 
 
 def any_record(output_dir: Path, items) -> bool:
