@@ -214,3 +214,14 @@ def test_a_protocol_of_na_gives_an_unknown_domain_not_out_of_domain(tmp_path):
     assert dict(images["domain"]) == {"sub-01_UNIT1": "in-domain", "sub-02_UNIT1": "unknown",
                                       "sub-03_UNIT1": "out-of-domain"}
     assert images.loc["sub-02_UNIT1", "site"] == "n/a"
+
+
+def test_what_participants_tsv_could_not_give_is_said_in_the_group_report(tmp_path):
+    out = tmp_path / "out"
+    bids = _participants(tmp_path, "participant_id\tsite\nsub-01\tBasel\nsub-02\n")
+    item = work_item("sub-01_UNIT1")
+    write_table_outputs(out, item, n_lesions=1, seed=0)
+    settings = Settings(bids_dir=bids, output_dir=out, work_dir=tmp_path / "work", nprocs=1)
+    assert run_group_level(settings, [item], {"Name": "test"}, frequency_map=False) == 0
+    html = (out / "group" / "group_report.html").read_text()
+    assert "participants.tsv, line 3: 1 value(s) where the header has 2 column(s)" in html

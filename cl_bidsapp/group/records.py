@@ -66,7 +66,8 @@ def record_path(output_dir: Path, subject: str, bids_name: str) -> Path:
 MISSING = "n/a"
 
 
-def read_participants(bids_dir: str | Path | None) -> dict[str, dict[str, str | None]]:
+def read_participants(bids_dir: str | Path | None, notes: list[str] | None = None
+                      ) -> dict[str, dict[str, str | None]]:
     """Rows of ``participants.tsv`` by subject label (without ``sub-``); empty when absent.
 
     ``n/a`` (BIDS for a missing value) and empty cells are read as None, so that a participant
@@ -79,6 +80,8 @@ def read_participants(bids_dir: str | Path | None) -> dict[str, dict[str, str | 
     * a row with more values than the header: the extra values are ignored;
     * a row without a participant_id is ignored; a participant listed twice keeps its last row;
     * no ``participant_id`` column, or a file that cannot be read: nothing is used.
+
+    Each warning is also appended to ``notes`` when given (the group report shows them).
 
     >>> import tempfile
     >>> d = Path(tempfile.mkdtemp())
@@ -103,21 +106,21 @@ def read_participants(bids_dir: str | Path | None) -> dict[str, dict[str, str | 
             header = [name.strip() for name in next(reader, [])]
             if "participant_id" not in header:
                 shown = ", ".join(repr(n) for n in header) if any(header) else "none"
-                logger.warning("%s has no participant_id column (columns: %s): its sites and "
-                               "protocols are not used", path, shown)
+                _warn(notes, "%s has no participant_id column (columns: %s): its sites and "
+                      "protocols are not used", path, shown)
                 return {}
             for fields in reader:
                 line = reader.line_num
                 if not any(f.strip() for f in fields):
                     continue  # blank line
                 if len(fields) < len(header):
-                    logger.warning(
-                        "%s, line %d: %d value(s) where the header has %d column(s); the "
+                    _warn(
+                        notes, "%s, line %d: %d value(s) where the header has %d column(s); the "
                         "missing value(s) of %s are read as n/a", path, line, len(fields),
                         len(header), ", ".join(header[len(fields):]))
                 elif len(fields) > len(header):
-                    logger.warning(
-                        "%s, line %d: %d value(s) where the header has %d column(s); the "
+                    _warn(
+                        notes, "%s, line %d: %d value(s) where the header has %d column(s); the "
                         "extra value(s) %s are ignored (a tab inside a value?)", path, line,
                         len(fields), len(header),
                         ", ".join(repr(f) for f in fields[len(header):]))
@@ -125,20 +128,26 @@ def read_participants(bids_dir: str | Path | None) -> dict[str, dict[str, str | 
                 row.update((name, None) for name in header[len(fields):] if name)
                 pid = row.get("participant_id")
                 if not pid:
-                    logger.warning("%s, line %d: no participant_id; the row is ignored", path,
-                                   line)
+                    _warn(notes, "%s, line %d: no participant_id; the row is ignored", path,
+                          line)
                     continue
                 label = pid.removeprefix("sub-")
                 if label in lines:
-                    logger.warning("%s, line %d: %s is listed again (first on line %d); this "
-                                   "row is used", path, line, pid, lines[label])
+                    _warn(notes, "%s, line %d: %s is listed again (first on line %d); this "
+                          "row is used", path, line, pid, lines[label])
                 rows[label] = row
                 lines[label] = line
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         # participants.tsv only adds the site; a broken one must not stop the group level
-        logger.warning("%s cannot be read (%s): sites are left empty", path, exc)
+        _warn(notes, "%s cannot be read (%s): sites are left empty", path, exc)
         return {}
     return rows
+
+
+def _warn(notes: list[str] | None, message: str, *args) -> None:
+    logger.warning(message, *args)
+    if notes is not None:
+        notes.append(message % args)
 
 
 def _cell(value: str) -> str | None:

@@ -51,6 +51,8 @@ class ReportInputs:
     ood: dict[str, Any] | None = None
     #: The error-analysis block (:func:`cl_bidsapp.group.error_analysis.report_block`).
     error_analysis: dict[str, Any] | None = None
+    #: What could not be used in participants.tsv (one sentence each).
+    dataset_notes: list[str] = field(default_factory=list)
 
 
 def write_report(summaries: Sequence[ImageSummary], inputs: ReportInputs,
@@ -89,6 +91,7 @@ def report_context(summaries: Sequence[ImageSummary], inputs: ReportInputs) -> d
             "lesions": inputs.lesion_rows},
         "models": sorted({str(r["model"]) for r in done if r.get("model")}),
         "domain_rule": inputs.domain_rule, "banners": banners,
+        "dataset_notes": inputs.dataset_notes[:20],
         "figures": {k: base64.b64encode(v).decode("ascii") if v else None
                     for k, v in inputs.figures.items()},
         "by_group": _by_group(done),

@@ -79,7 +79,8 @@ def run_group_level(settings, items: Sequence, raw_description: dict, *,
             "no participant-level outputs here (no sub-*/log/*_record.json)", path=out,
             hint="run the participant level first: cl-bidsapp BIDS_DIR OUTPUT_DIR participant")
     group_dir = out / GROUP_FOLDER
-    participants = read_participants(settings.bids_dir)
+    dataset_notes: list[str] = []
+    participants = read_participants(settings.bids_dir, dataset_notes)
     summaries = [summarise_image(item, out, participants) for item in items]
     earlier = _earlier_outputs(out, group_dir, summaries)
     logger.info("Group level: %d image(s) planned, %d processed", len(summaries),
@@ -101,7 +102,7 @@ def run_group_level(settings, items: Sequence, raw_description: dict, *,
 
     problems: list[CLBidsAppError] = []
     inputs = ReportInputs(dataset=raw_description.get("Name"), domain_rule=rule.describe(),
-                          lesion_rows=n_lesions)
+                          lesion_rows=n_lesions, dataset_notes=dataset_notes)
     if settings.reference_masks:
         problem = _evaluate(summaries, Path(settings.reference_masks), out, group_dir,
                             settings.nprocs, inputs)
