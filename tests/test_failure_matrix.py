@@ -242,6 +242,32 @@ def test_a_fold_the_model_lacks_is_refused_before_any_image_is_processed(small, 
     assert not list(out.glob("sub-*")) and "brain" not in proc.stderr.lower()
 
 
+def test_a_model_replaced_under_its_name_is_run_again_not_read_from_the_cache(small, tmp_path):
+    from cl_bidsapp.models.install import install_model
+    from cl_bidsapp.models.testing import make_tiny_model
+
+    models = tmp_path / "models"
+
+    def model(seed, version):
+        return make_tiny_model(tmp_path / f"m{seed}", name="mine", version=version, seed=seed,
+                               patch=(32, 32, 32), features=(4, 8, 16))
+
+    install_model(model(1, "1.0.0"), models)
+    out = tmp_path / "out"
+    args = (small, out, "participant", "--participant-label", "01", "-w", tmp_path / "w",
+            "--model", "mine", "--models-dir", models, "--skip-bids-validation", "--no-tta",
+            "--nprocs", "2")
+    assert run_app(*args).returncode == 0
+    probseg = next(out.glob("sub-01/anat/*_label-CL_probseg.nii.gz"))
+    first = probseg.read_bytes()
+    upgraded = install_model(model(2, "2.0.0"), models, force=True)   # same name, same path
+    assert run_app(*args).returncode == 0         # same work folder
+    assert probseg.read_bytes() != first          # predicted again with the new weights
+    record = json.loads(next(out.glob("sub-01/log/*_record.json")).read_text())
+    assert record["model"]["SHA256"] == upgraded.sha256
+    assert record["model"]["Version"] == "2.0.0"
+
+
 def test_derivatives_only_dataset(bids_layouts, tmp_path):
     proc = run_app(bids_layouts / "ds000001-fmriprep", tmp_path / "out", "participant")
     assert proc.returncode == 65 and "derivatives dataset" in proc.stderr

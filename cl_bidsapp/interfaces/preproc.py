@@ -100,7 +100,7 @@ class _SkullStripInputSpec(BaseInterfaceInputSpec):
     tool = traits.Enum("deepbet", "synthstrip", usedefault=True)
     precomputed_mask = File(exists=True, desc="brain mask from --derivatives")
     device = traits.Str("cpu", usedefault=True)
-    threads = traits.Int(1, usedefault=True)
+    threads = traits.Int(1, usedefault=True, nohash=True)  # results do not depend on it
 
 
 class _SkullStripOutputSpec(StageOutputSpec):

@@ -11,6 +11,7 @@ from nipype.interfaces.base import BaseInterfaceInputSpec, File, InputMultiObjec
 from cl_bidsapp.core.components import lesion_instances, min_size_in_voxels
 from cl_bidsapp.core.lesions import lesion_table
 from cl_bidsapp.core.preproc import image_like
+from cl_bidsapp.errors import InputDataError
 from cl_bidsapp.interfaces.base import StageInterface, StageOutputSpec, defined
 from cl_bidsapp.io import save_nifti, write_text
 
@@ -18,11 +19,15 @@ from cl_bidsapp.io import save_nifti, write_text
 class _SegmentInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="model input (masked UNI/T1w)")
     model = traits.Str(mandatory=True, desc="model folder (verified against its card)")
+    model_sha256 = traits.Str(desc="sha256 of the model's card when the run started: part of "
+                                   "the node's hash, so that a model replaced at the same path "
+                                   "(install --force) is run again, not served from the cache")
     device = traits.Enum("auto", "cpu", "cuda", usedefault=True)
     folds = traits.List(traits.Int, desc="folds to ensemble (default: the card's)")
     tta = traits.Bool(True, usedefault=True, desc="mirroring test-time augmentation")
     tile_step_size = traits.Float(0.5, usedefault=True)
-    threads = traits.Int(1, usedefault=True, desc="PyTorch CPU threads")
+    threads = traits.Int(1, usedefault=True, nohash=True,
+                         desc="PyTorch CPU threads (not hashed: results do not depend on it)")
     use_gpu = traits.Bool(False, usedefault=True,
                           desc="tells Nipype's MultiProc this node occupies a GPU")
 
@@ -51,6 +56,12 @@ class Segment(StageInterface):
                                   tta=self.inputs.tta,
                                   tile_step_size=self.inputs.tile_step_size,
                                   threads=self.inputs.threads)
+        expected = defined(self.inputs.model_sha256)
+        if expected and predictor.model.sha256 != expected:
+            raise InputDataError(
+                f"the model changed while the run was going on (card sha256 {expected[:12]}… "
+                f"when it started, {predictor.model.sha256[:12]}… now)", path=self.inputs.model,
+                hint="run again once the model is installed")
         result = predictor.predict(nib.load(self.inputs.in_file))
         self._results["probability"] = str(save_nifti(result.probability,
                                                       cwd / "probability.nii.gz"))

@@ -123,7 +123,7 @@ def init_image_wf(item: WorkItem, opts: ParticipantOptions):
         model_path=opts.model_path, threshold=opts.threshold, min_size=opts.min_size,
         device=opts.device, folds=opts.folds, tta=opts.tta,
         tile_step_size=opts.tile_step_size, omp_nthreads=opts.omp_nthreads,
-        mem_gb=opts.segment_mem_gb)
+        mem_gb=opts.segment_mem_gb, model_sha256=opts.model_provenance.get("SHA256"))
 
     source_name = item.image.name if item.image is not None else f"{item.bids_name}.nii.gz"
     save = pe.Node(SaveDerivatives(

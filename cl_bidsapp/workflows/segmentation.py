@@ -11,6 +11,7 @@ def init_cl_segmentation_wf(*, model_path: str, threshold: float, min_size: str,
                             device: str = "auto", folds: list[int] | None = None,
                             tta: bool = True, tile_step_size: float = 0.5,
                             omp_nthreads: int = 1, mem_gb: float = 3.0,
+                            model_sha256: str | None = None,
                             name: str = "cl_segmentation_wf"):
     """Predict the CL probability map and turn it into lesions.
 
@@ -28,6 +29,9 @@ def init_cl_segmentation_wf(*, model_path: str, threshold: float, min_size: str,
         PyTorch CPU threads (the node reserves as many Nipype processor slots).
     mem_gb : float
         Memory Nipype reserves for the prediction node.
+    model_sha256 : str, optional
+        The model card's sha256 (:attr:`InstalledModel.sha256`): hashed with the node's inputs,
+        so a model replaced at the same path is run again rather than read from the cache.
 
     Inputs
     ------
@@ -61,6 +65,8 @@ def init_cl_segmentation_wf(*, model_path: str, threshold: float, min_size: str,
                       name="segment", n_procs=omp_nthreads, mem_gb=mem_gb)
     if folds:
         segment.inputs.folds = list(folds)
+    if model_sha256:
+        segment.inputs.model_sha256 = model_sha256
     find_lesions = pe.Node(FindLesions(threshold=threshold, min_size=str(min_size)),
                            name="find_lesions", mem_gb=1.0)
     wf.connect([
