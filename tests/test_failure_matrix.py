@@ -268,6 +268,27 @@ def test_a_model_replaced_under_its_name_is_run_again_not_read_from_the_cache(sm
     assert record["model"]["Version"] == "2.0.0"
 
 
+def test_a_failed_rerun_says_the_derivatives_left_are_from_the_earlier_run(small, tiny_model,
+                                                                          tmp_path):
+    out = tmp_path / "out"
+    args = (small, out, "participant", "--participant-label", "01", "-w", tmp_path / "w",
+            "--model", tiny_model, "--skip-bids-validation", *FAST)
+    assert run_app(*args).returncode == 0
+    record_file = next(out.glob("sub-01/log/*_record.json"))
+    first = json.loads(record_file.read_text())
+    uni = next(small.glob("sub-01/anat/*_UNIT1.nii.gz"))
+    uni.write_bytes(uni.read_bytes()[:1000])             # the input is damaged afterwards
+    assert run_app(*args).returncode == 65
+    failed = json.loads(record_file.read_text())
+    assert failed["status"] == "failed"
+    earlier = failed["earlier_outputs"]
+    assert (earlier["run_id"], earlier["finished"]) == (first["run_id"], first["finished"])
+    assert sorted(earlier["files"]) == sorted(first["outputs"].values())
+    assert all((out / rel).is_file() for rel in earlier["files"])   # kept, not deleted
+    page = (out / "sub-01.html").read_text()
+    assert f"are from an earlier run ({first['run_id']}" in page
+
+
 def test_derivatives_only_dataset(bids_layouts, tmp_path):
     proc = run_app(bids_layouts / "ds000001-fmriprep", tmp_path / "out", "participant")
     assert proc.returncode == 65 and "derivatives dataset" in proc.stderr

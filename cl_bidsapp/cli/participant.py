@@ -258,14 +258,40 @@ def _record_failure(failure: Failure, settings) -> None:
         crash_copy = log_dir / failure.crash_file.name
         shutil.copyfile(failure.crash_file, crash_copy)
         failure.crash_file = crash_copy
-    write_json(record_path(settings.output_dir, item.subject, item.bids_name), {
+    path = record_path(settings.output_dir, item.subject, item.bids_name)
+    write_json(path, {
         "bids_name": item.bids_name, "subject": item.subject, "session": item.session,
         "contrast": item.contrast, "rule": item.rule, "status": "failed",
         "run_id": settings.run_id, "error": failure.message, "exit_code": failure.exit_code,
         "crash_file": str(crash_copy.relative_to(settings.output_dir)) if crash_copy else None,
         "inputs": {k: (str(v) if v else None) for k, v in
                    (("image", item.image), ("inv1", item.inv1), ("inv2", item.inv2))},
+        "earlier_outputs": _earlier_outputs(path, settings.output_dir),
     })
+
+
+def _earlier_outputs(record: Path, output_dir: Path) -> dict | None:
+    """What an earlier successful run left of this image, which this failed run did not
+    replace (its derivatives are kept: the failure may be passing, e.g. out of memory)."""
+    import json
+
+    try:
+        earlier = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(earlier, dict):
+        return None
+    if earlier.get("status") == "failed":       # carried from run to run until one succeeds
+        return earlier.get("earlier_outputs")
+    outputs = earlier.get("outputs")
+    if earlier.get("status") != "ok" or not isinstance(outputs, dict):
+        return None
+    files = sorted(str(rel) for rel in outputs.values()
+                   if isinstance(rel, str) and (Path(output_dir) / rel).is_file())
+    if not files:
+        return None
+    return {"run_id": earlier.get("run_id"), "finished": earlier.get("finished"),
+            "files": files}
 
 
 #: Space one image needs at 1 mm in the work folder (intermediate volumes) and the outputs

@@ -178,6 +178,12 @@ def image_section(output_dir: Path, record: dict[str, Any], fmt: str = "png") ->
 
 def _failure(output_dir: Path, record: dict[str, Any], section: ImageSection) -> None:
     section.error = str(record.get("error") or "failed without a message")
+    earlier = record.get("earlier_outputs")
+    if isinstance(earlier, dict) and earlier.get("files"):
+        section.error += (f" — The {len(earlier['files'])} derivative file(s) of this image in "
+                          f"the output folder are from an earlier run "
+                          f"({earlier.get('run_id')}, finished {earlier.get('finished')}) that "
+                          "succeeded; they may not match the current input or settings.")
     section.exit_code = record.get("exit_code")
     crash = record.get("crash_file")
     if crash:
