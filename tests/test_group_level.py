@@ -232,12 +232,14 @@ def test_a_rerun_leaves_no_results_of_the_earlier_run_beside_its_own(study, tmp_
     (group / "figures" / "group_desc-erroranalysis_plot.png").stat()
     unrelated = settings.output_dir / "sub-01" / "anat" / "my_notes.txt"
     unrelated.write_text("not the group level's")
+    mine = group / "my_stats.R"            # a user's own file beside the group outputs
+    mine.write_text("summary(read.delim('group_images.tsv'))")
     # the same outputs evaluated again without reference masks: no evaluation at all now
     plain = settings.__class__(**{**settings.__dict__, "reference_masks": None})
     assert run_group_level(plain, items, {"Name": "phantoms"}, frequency_map=False) == 0
     assert not list(group.rglob("group_evaluation*")) and not list(group.rglob("*erroranalysis*"))
     assert not list(settings.output_dir.rglob("*_desc-errors_dseg.*"))
-    assert (group / "group_images.tsv").is_file() and unrelated.is_file()
+    assert (group / "group_images.tsv").is_file() and unrelated.is_file() and mine.is_file()
     html = (group / "group_report.html").read_text()
     assert "group_evaluation" not in html and "desc-errors" not in html
 

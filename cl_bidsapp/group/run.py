@@ -115,15 +115,16 @@ def run_group_level(settings, items: Sequence, raw_description: dict, *,
     else:
         inputs.frequency_missing = "not requested for this run."
 
-    inputs.ood = ood_block(summaries, group_dir / EVALUATION_TABLE
-                           if settings.reference_masks else None)
+    # from here on only this run's files: an earlier run's evaluation must not reach the report
+    _remove_unwritten(earlier, keep=group_dir / REPORT_NAME)
+    evaluation_table = group_dir / EVALUATION_TABLE
+    inputs.ood = ood_block(summaries, evaluation_table if evaluation_table.is_file() else None)
     if inputs.ood and inputs.ood.get("figure"):
         _save_figure(group_dir, "group_desc-ood_plot.png", inputs.ood["figure"])
     write_images_table(summaries, group_dir)
     inputs.figures["distributions"] = distribution_figure([s.values for s in summaries])
     _save_figure(group_dir, "group_desc-distributions_plot.png",
                  inputs.figures["distributions"])
-    _remove_unwritten(earlier, keep=group_dir / REPORT_NAME)
     inputs.files = sorted(p.relative_to(out).as_posix() for p in group_dir.glob("*")
                           if p.is_file() and p.name != REPORT_NAME)
     write_report(summaries, inputs, group_dir)
@@ -230,11 +231,14 @@ def _frequency_map(summaries, settings, group_dir: Path, inputs: ReportInputs
 
 
 def _earlier_outputs(out: Path, group_dir: Path, summaries) -> dict[Path, tuple[int, int]]:
-    """Files an earlier group run may have written: everything under ``group/`` and the
-    error maps of this run's images, with their (inode, mtime) now."""
+    """Files an earlier group run may have written, with their (inode, mtime) now: the
+    ``group_*`` files of ``group/`` and ``group/figures/`` (every group output is named so;
+    anything else there is the user's and is left alone) and the error maps of this run's
+    images."""
     from cl_bidsapp.bids.derivatives import output_path, source_entities
 
-    files = [p for p in group_dir.rglob("*") if p.is_file()] if group_dir.is_dir() else []
+    files = [p for folder in (group_dir, group_dir / "figures")
+             for p in folder.glob(f"{GROUP_FOLDER}_*") if p.is_file()]
     for s in summaries:
         error_map = output_path(out, source_entities(s.bids_name + ".nii.gz", s.source_suffix),
                                 "error_map")
