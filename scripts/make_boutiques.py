@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cl_bidsapp import __version__  # noqa: E402
-from cl_bidsapp.cli.parser import build_parser  # noqa: E402
+from cl_bidsapp.cli.parser import (_probability, _step, build_parser,  # noqa: E402
+                                   positive_int)
 
 _PATHLIKE = {"bids_dir", "output_dir", "bids_filter_file", "bids_database_dir", "work_dir",
              "use_plugin", "config_file", "models_dir", "reference_masks"}
@@ -37,11 +38,11 @@ def _input(action: argparse.Action) -> dict:
         entry["type"] = "Flag"
     elif dest in _PATHLIKE:
         entry["type"] = "File" if dest in _FILES or dest in ("bids_dir",) else "String"
-    elif action.type in (int,) or getattr(action.type, "__name__", "") == "_positive_int":
+    elif action.type in (int, positive_int):
         entry["type"] = "Number"
         entry["integer"] = True
         entry["minimum"] = 1
-    elif getattr(action.type, "__name__", "") in ("_probability", "_step"):
+    elif action.type in (_probability, _step):
         entry["type"] = "Number"
         entry["minimum"] = 0
         entry["maximum"] = 1

@@ -33,6 +33,18 @@ def test_every_flag_in_both():
     assert positional == ["bids_dir", "output_dir", "analysis_level"]
 
 
+def test_numeric_options_are_numbers_with_their_ranges():
+    """Platforms that run Boutiques descriptors check values before launching: a count of
+    processes must be a positive integer, a threshold a number in [0, 1]."""
+    inputs = {i["id"]: i for i in json.loads(spec_path("boutiques.json").read_text())["inputs"]}
+    for name in ("nprocs", "omp_nthreads"):
+        assert (inputs[name]["type"], inputs[name].get("integer"), inputs[name].get("minimum")
+                ) == ("Number", True, 1), name
+    for name in ("threshold", "tile_step_size"):
+        assert (inputs[name]["type"], inputs[name]["minimum"], inputs[name]["maximum"]) == (
+            "Number", 0, 1), name
+
+
 def test_bosh_validate():
     bosh = shutil.which("bosh")
     if bosh is None:
