@@ -116,3 +116,23 @@ def test_save_node_receives_every_derivative():
             "lesion_table", "stats", "segment_seconds", "skullstrip_warnings"} <= connected
     assert save.inputs.extra_warnings == ["demo model"]
     assert save.inputs.settings["threshold"] == 0.5
+
+
+def test_the_segment_cache_is_keyed_by_the_models_content_not_its_folder(tmp_path):
+    """A rerun must predict again when a model is replaced at the same path, and must not
+    when the same model is found in another folder (a zip unpacked to a new temporary
+    folder in each run)."""
+    image = tmp_path / "model_input.nii.gz"
+    image.write_bytes(b"x")
+
+    def segment_hash(folder, sha, threads=1):
+        wf = init_cl_segmentation_wf(model_path=folder, threshold=0.5, min_size="3",
+                                     model_sha256=sha, omp_nthreads=threads)
+        node = wf.get_node("segment")
+        node.inputs.in_file = str(image)
+        return node.inputs.get_hashval(hash_method="timestamp")[1]
+
+    same = segment_hash("/models/a", "1" * 64)
+    assert segment_hash("/tmp/unpacked-xyz/a", "1" * 64) == same
+    assert segment_hash("/models/a", "2" * 64) != same
+    assert segment_hash("/models/a", "1" * 64, threads=4) == same   # threads change nothing

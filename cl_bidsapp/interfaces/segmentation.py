@@ -11,17 +11,19 @@ from nipype.interfaces.base import BaseInterfaceInputSpec, File, InputMultiObjec
 from cl_bidsapp.core.components import lesion_instances, min_size_in_voxels
 from cl_bidsapp.core.lesions import lesion_table
 from cl_bidsapp.core.preproc import image_like
-from cl_bidsapp.errors import InputDataError
+from cl_bidsapp.errors import TemporaryFailure
 from cl_bidsapp.interfaces.base import StageInterface, StageOutputSpec, defined
 from cl_bidsapp.io import save_nifti, write_text
 
 
 class _SegmentInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="model input (masked UNI/T1w)")
-    model = traits.Str(mandatory=True, desc="model folder (verified against its card)")
-    model_sha256 = traits.Str(desc="sha256 of the model's card when the run started: part of "
-                                   "the node's hash, so that a model replaced at the same path "
-                                   "(install --force) is run again, not served from the cache")
+    # The folder is not hashed (a zip model unpacks to a new temporary folder in each run);
+    # the card's sha256 is, so that a model replaced at the same path (install --force) is
+    # run again and the same model in another folder is read from the cache.
+    model = traits.Str(mandatory=True, nohash=True,
+                       desc="model folder (verified against its card)")
+    model_sha256 = traits.Str(desc="sha256 of the model's card when the run started")
     device = traits.Enum("auto", "cpu", "cuda", usedefault=True)
     folds = traits.List(traits.Int, desc="folds to ensemble (default: the card's)")
     tta = traits.Bool(True, usedefault=True, desc="mirroring test-time augmentation")
@@ -58,7 +60,7 @@ class Segment(StageInterface):
                                   threads=self.inputs.threads)
         expected = defined(self.inputs.model_sha256)
         if expected and predictor.model.sha256 != expected:
-            raise InputDataError(
+            raise TemporaryFailure(
                 f"the model changed while the run was going on (card sha256 {expected[:12]}… "
                 f"when it started, {predictor.model.sha256[:12]}… now)", path=self.inputs.model,
                 hint="run again once the model is installed")

@@ -318,6 +318,8 @@ _PRIVATE_ROOT: list[Path] = []
 
 def _private_unpack_root() -> Path:
     """A folder only this process uses (mode 0700), removed when the process exits."""
+    if _PRIVATE_ROOT and not _PRIVATE_ROOT[0].is_dir():   # removed by a temp-file cleaner
+        _PRIVATE_ROOT.clear()
     if not _PRIVATE_ROOT:
         import atexit
 

@@ -1,6 +1,8 @@
 """Cortical-lesion segmentation: nnU-Net probability map -> lesions."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
@@ -30,8 +32,10 @@ def init_cl_segmentation_wf(*, model_path: str, threshold: float, min_size: str,
     mem_gb : float
         Memory Nipype reserves for the prediction node.
     model_sha256 : str, optional
-        The model card's sha256 (:attr:`InstalledModel.sha256`): hashed with the node's inputs,
-        so a model replaced at the same path is run again rather than read from the cache.
+        The model card's sha256 (:attr:`InstalledModel.sha256`; default: read from the folder's
+        card). It identifies the model in the node's hash instead of the folder's path, so a
+        model replaced at the same path is run again and a zip model unpacked to another
+        temporary folder is still read from the cache.
 
     Inputs
     ------
@@ -65,6 +69,11 @@ def init_cl_segmentation_wf(*, model_path: str, threshold: float, min_size: str,
                       name="segment", n_procs=omp_nthreads, mem_gb=mem_gb)
     if folds:
         segment.inputs.folds = list(folds)
+    if model_sha256 is None:
+        from cl_bidsapp.models import card as cards
+
+        card = Path(model_path) / cards.CARD_FILENAME
+        model_sha256 = cards.sha256_file(card) if card.is_file() else None
     if model_sha256:
         segment.inputs.model_sha256 = model_sha256
     find_lesions = pe.Node(FindLesions(threshold=threshold, min_size=str(min_size)),
