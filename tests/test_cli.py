@@ -12,6 +12,7 @@ from cl_bidsapp import __version__
 from cl_bidsapp.cli.parser import build_parser, parse_args
 from cl_bidsapp.cli.run import main
 from cl_bidsapp.config import Settings
+from cl_bidsapp.errors import UsageError
 from tests.bids_builders import make_dataset
 
 
@@ -65,6 +66,10 @@ def test_dry_run_names_the_images_that_will_fail_and_exits_65(capsys, dataset, t
     assert "1 of 2 image(s) cannot be processed" in err
     assert f"sub-01 sub-01_UNIT1: {sidecar}: sidecar is not valid JSON" in err
     assert not (tmp_path / "out").exists()
+    # the group level would flag that image and go on: its dry run does not fail
+    code, _, _ = run_cli(capsys, dataset, tmp_path / "out", "group", "--dry-run",
+                         "--skip-bids-validation")
+    assert code == 0
 
 
 def test_both_levels_accepted(dataset, tmp_path):
@@ -238,6 +243,19 @@ def test_a_bad_config_file_is_refused_before_any_work(capsys, dataset, tmp_path,
     assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
 
 
+def test_config_file_values_are_stored_as_the_flags_store_them(dataset, tmp_path):
+    cfg = tmp_path / "settings.toml"
+    cfg.write_text('[execution]\nnprocs = "4"\n[segmentation]\nthreshold = "0.5"\n'
+                   'folds = ["all"]\nmin_lesion_size = 3\n'
+                   '[inputs]\nparticipant_label = ["sub-01"]\n')
+    s = parse_args([str(dataset), str(tmp_path / "o"), "participant", "--config-file", str(cfg)])
+    assert (s.nprocs, s.threshold, s.folds, s.min_lesion_size) == (4, 0.5, None, "3")
+    assert s.participant_label == ["01"]
+    cfg.write_text('[segmentation]\nfolds = [0, "2"]\n[inputs]\nderivatives = {m = 3}\n')
+    with pytest.raises(UsageError, match=r"\[inputs\] derivatives = \{'m': 3\}: expected"):
+        parse_args([str(dataset), str(tmp_path / "o"), "participant", "--config-file", str(cfg)])
+
+
 def test_the_default_work_folder_inside_the_dataset_is_refused(capsys, dataset, tmp_path,
                                                                monkeypatch):
     monkeypatch.chdir(dataset)        # ./work would be inside the dataset
@@ -245,6 +263,10 @@ def test_the_default_work_folder_inside_the_dataset_is_refused(capsys, dataset, 
                            "--skip-bids-validation")
     assert code == 64 and "default work folder (./work in the current folder)" in err
     assert "-w /tmp/work" in err and not (dataset / "work").exists()
+    # a dry run writes nothing, so it may run from inside the dataset
+    code, out, _ = run_cli(capsys, dataset, dataset / "derivatives" / "cl-bidsapp",
+                           "participant", "--dry-run", "--skip-bids-validation")
+    assert code == 0 and "sub-01_UNIT1" in out and not (dataset / "work").exists()
 
 
 def test_the_derivatives_folder_itself_is_refused_as_output(capsys, dataset, tmp_path):

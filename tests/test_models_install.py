@@ -217,6 +217,13 @@ def test_cli_exit_codes_for_missing_and_tampered_models(tiny_folder, tmp_path, c
     checkpoint.write_bytes(checkpoint.read_bytes()[:-1])
     assert main(["--models-dir", str(cache), "verify", "tiny-install"]) == ExitCode.DATA_ERROR
     assert "sha256 mismatch" in capsys.readouterr().err
+    # a copy whose card is unreadable cannot be told apart from another model: --force
+    card_file = cache / "tiny-install" / cards.CARD_FILENAME
+    card_text = card_file.read_text()
+    card_file.write_text("{")
+    assert main(["--models-dir", str(cache), "install", str(tiny_folder)]) == ExitCode.USAGE
+    assert "is damaged" in capsys.readouterr().err
+    card_file.write_text(card_text)
     # the hint says to reinstall from the original source: that repairs the installed copy
     assert main(["--models-dir", str(cache), "install", str(tiny_folder)]) == 0
     assert "tiny-install fails verification" in caplog.text

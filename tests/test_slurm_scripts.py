@@ -177,6 +177,13 @@ def test_cli_refuses_bad_app_options_before_submitting(tmp_path, dataset, capsys
     assert main(["submit", str(bids), str(tmp_path / "out"), "-w", str(work),
                  "--participant-label", "09"]) == 64
     assert main(["submit", str(bids), str(bids / "derivatives-not"), "-w", str(work)]) == 64
+    # another pipeline's folder as output: refused now, not by every task after the queue
+    other = tmp_path / "fmriprep"
+    other.mkdir()
+    (other / "dataset_description.json").write_text(
+        '{"Name": "x", "GeneratedBy": [{"Name": "fMRIPrep"}]}')
+    assert main(["submit", str(bids), str(other), "-w", str(work), "--dry-run"]) == 64
+    assert "made by fMRIPrep" in capsys.readouterr().err
     # a model typo fails on the login node, not in every task after hours in the queue
     capsys.readouterr()
     assert main(["submit", str(bids), str(tmp_path / "out"), "-w", str(work), "--dry-run",
@@ -234,7 +241,7 @@ def test_unreadable_label_files_and_work_folders_are_explained(tmp_path, dataset
     assert main(["submit", str(bids), str(tmp_path / "out"), "-w", str(tmp_path / "w"),
                  "--participant-label", str(binary), "--dry-run"]) == 64
     err = capsys.readouterr().err
-    assert f"{binary}: cannot read participant labels" in err and "Traceback" not in err
+    assert f"{binary}: cannot read labels" in err and "Traceback" not in err
     blocked = tmp_path / "blocked"
     blocked.write_text("")                # a file where the work folder should be
     code = main(["submit", str(bids), str(tmp_path / "out"), "-w", str(blocked), "--dry-run"])

@@ -224,11 +224,7 @@ def _read_labels(values: list[str] | None, prefix: str) -> list[str] | None:
     labels: list[str] = []
     for value in values:
         path = Path(value)
-        if path.is_file():
-            text = path.read_text(encoding="utf-8", errors="replace")
-            labels.extend(line.strip() for line in text.splitlines() if line.strip())
-        else:
-            labels.append(value)
+        labels.extend(read_label_file(path) if path.is_file() else [value])
     out = []
     for label in labels:
         clean = label[len(prefix):] if label.startswith(prefix) else label
@@ -238,6 +234,16 @@ def _read_labels(values: list[str] | None, prefix: str) -> list[str] | None:
         if clean not in out:
             out.append(clean)
     return out
+
+
+def read_label_file(path: Path) -> list[str]:
+    """The labels in a text file (one per line, or separated by spaces); usage error (64)
+    naming the file when it cannot be read as text."""
+    try:
+        return path.read_text(encoding="utf-8").split()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read labels from this file ({exc})", path=path,
+                         hint="give a text file with one label per line") from None
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -342,8 +348,7 @@ def _load_config_file(path: Path, parser: argparse.ArgumentParser) -> dict:
         sections = tomllib.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise UsageError(f"the config file is not valid TOML ({exc})", path=path) from None
-    _check_config(sections, path, parser)
-    return sections
+    return _config_settings(sections, path, parser)
 
 
 #: Settings with no flag of their own (or a flag that stores another form), as Python types.
@@ -354,11 +359,14 @@ _CONFIG_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def _check_config(sections: dict, path: Path, parser: argparse.ArgumentParser) -> None:
-    """Refuse unknown settings and values the command line would refuse (exit 64).
+def _config_settings(sections: dict, path: Path, parser: argparse.ArgumentParser) -> dict:
+    """A config file's sections with every value checked and converted as its flag would be
+    (exit 64 naming the file and the ``[section] key`` otherwise).
 
-    >>> import tempfile
-    >>> _check_config({"segmentation": {"threshhold": 0.5}}, Path("my.toml"), build_parser())
+    >>> _config_settings({"execution": {"nprocs": "4"}, "segmentation": {"folds": ["all"]}},
+    ...                  Path("my.toml"), build_parser())
+    {'execution': {'nprocs': 4}, 'segmentation': {'folds': None}}
+    >>> _config_settings({"segmentation": {"threshhold": 0.5}}, Path("my.toml"), build_parser())
     Traceback (most recent call last):
     ...
     cl_bidsapp.errors.UsageError: my.toml: [segmentation] threshhold: unknown setting
@@ -369,6 +377,7 @@ def _check_config(sections: dict, path: Path, parser: argparse.ArgumentParser) -
 
     fields = {f.name for f in dataclasses.fields(Settings)}
     actions = {a.dest: a for a in parser._actions}
+    out: dict[str, dict] = {}
     for section, values in sections.items():
         if not isinstance(values, dict):
             raise UsageError(f"'{section}' is not in a [section]", path=path,
@@ -382,44 +391,53 @@ def _check_config(sections: dict, path: Path, parser: argparse.ArgumentParser) -
                                  hint=f"did you mean '{close[0]}'?" if close else
                                  "settings are the long options with '_' for '-', "
                                  "e.g. threshold, min_lesion_size, nprocs")
-            problem = _config_value_problem(key, value, actions.get(key))
-            if problem:
-                raise UsageError(f"{where} = {value!r}: {problem}", path=path)
+            try:
+                out.setdefault(section, {})[key] = _config_value(key, value, actions.get(key))
+            except (argparse.ArgumentTypeError, ValueError, UsageError) as exc:
+                problem = exc.message if isinstance(exc, UsageError) else str(exc)
+                raise UsageError(f"{where} = {value!r}: {problem}", path=path) from None
+    return out
 
 
-def _config_value_problem(key: str, value, action: argparse.Action | None) -> str | None:
-    """Why a config-file value is not acceptable for setting ``key`` (None when it is)."""
+def _config_value(key: str, value, action: argparse.Action | None):
+    """``value`` from a config file as the flag ``action`` would store it; ValueError (or
+    ArgumentTypeError) saying what is wrong otherwise."""
     if key in _CONFIG_TYPES or action is None:
         types = _CONFIG_TYPES.get(key, (str,))
         if isinstance(value, bool) or not isinstance(value, types):
-            return f"expected {' or '.join(t.__name__ for t in types)}"
+            raise ValueError(f"expected {' or '.join(t.__name__ for t in types)}")
         if key == "mem_gb" and value <= 0:
-            return "memory must be positive"
+            raise ValueError("memory must be positive")
         if key == "analysis_levels" and not set(value) <= set(LEVELS):
-            return f"levels are {' and '.join(LEVELS)}"
-        return None
+            raise ValueError(f"levels are {' and '.join(LEVELS)}")
+        if key == "derivatives" and not all(isinstance(v, str) for v in value.values()):
+            raise ValueError("expected NAME = \"PATH\" entries")
+        return value
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-        return None if isinstance(value, bool) else "expected true or false"
-    if action.nargs in ("+", "*"):
-        if not isinstance(value, list) or not value:
-            return "expected a list, e.g. [\"01\", \"02\"]"
-        items = value
-    else:
-        items = [value]
-    for item in items:
+        if not isinstance(value, bool):
+            raise ValueError("expected true or false")
+        return value
+    many = action.nargs in ("+", "*")
+    if many and (not isinstance(value, list) or not value):
+        raise ValueError("expected a list, e.g. [\"01\", \"02\"]")
+    items = []
+    for item in value if many else [value]:
         if isinstance(item, bool) or not isinstance(item, (str, int, float)):
-            return "expected a number or a string"
+            raise ValueError("expected a number or a string")
         if action.choices is not None and item not in action.choices:
-            return f"expected one of {', '.join(map(str, action.choices))}"
+            raise ValueError(f"expected one of {', '.join(map(str, action.choices))}")
         if action.type is Path or action.type is None:
             if not isinstance(item, str):
-                return "expected a string"
+                raise ValueError("expected a string")
+            items.append(item)
         else:
-            try:
-                action.type(str(item))
-            except (argparse.ArgumentTypeError, ValueError) as exc:
-                return str(exc)
-    return None
+            items.append(action.type(str(item)))
+    # the forms parse_args gives the flags' values
+    if key == "folds":
+        return None if "all" in items else sorted({int(f) for f in items})
+    if key in ("participant_label", "session_label"):
+        return _read_labels(items, "sub-" if key == "participant_label" else "ses-")
+    return items if many else items[0]
 
 
 def _check_plugin(path: Path) -> None:
@@ -503,9 +521,12 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                                 "--reference-masks must be a folder (a BIDS derivatives "
                                 "dataset of masks), not a file", path=settings.reference_masks)
     if settings.bids_dir.exists():
-        check_paths(settings.bids_dir, settings.output_dir, settings.effective_work_dir(),
-                    work_given=settings.work_dir is not None)
-        check_output_owner(settings.output_dir)
+        if settings.dry_run:      # writes nothing: only an explicit -w can be wrong
+            check_paths(settings.bids_dir, settings.output_dir, settings.work_dir)
+        else:
+            check_paths(settings.bids_dir, settings.output_dir, settings.effective_work_dir(),
+                        work_given=settings.work_dir is not None)
+            check_output_owner(settings.output_dir)
     if settings.bids_database_dir is not None and settings.bids_dir.exists():
         if _inside(settings.bids_database_dir.resolve(), settings.bids_dir.resolve()):
             raise UsageError("the BIDS database folder is inside the BIDS dataset",

@@ -282,11 +282,16 @@ def _earlier_outputs(record: Path, output_dir: Path) -> dict | None:
     if not isinstance(earlier, dict):
         return None
     if earlier.get("status") == "failed":       # carried from run to run until one succeeds
-        return earlier.get("earlier_outputs")
-    outputs = earlier.get("outputs")
-    if earlier.get("status") != "ok" or not isinstance(outputs, dict):
+        earlier = earlier.get("earlier_outputs")
+        if not isinstance(earlier, dict):
+            return None
+        outputs = earlier.get("files")
+    elif earlier.get("status") == "ok":
+        outputs = earlier.get("outputs")
+        outputs = list(outputs.values()) if isinstance(outputs, dict) else None
+    else:
         return None
-    files = sorted(str(rel) for rel in outputs.values()
+    files = sorted(str(rel) for rel in outputs or []
                    if isinstance(rel, str) and (Path(output_dir) / rel).is_file())
     if not files:
         return None

@@ -98,8 +98,8 @@ def run(settings) -> int:
 
         print(plan_table(items, root=settings.bids_dir))
         unusable = [it for it in items if it.problem]
-        if not unusable:
-            return ExitCode.OK
+        if not unusable or "participant" not in settings.levels:
+            return ExitCode.OK    # the group level flags such images and goes on
         # what the real run would report as failed, said before anything runs
         print(f"cl-bidsapp: {len(unusable)} of {len(items)} image(s) cannot be processed:",
               file=sys.stderr)

@@ -118,7 +118,7 @@ def _container_commands(args, paths: list[Path]) -> tuple[list[str], list[str]]:
 
 
 def make_plan(args, app_args: list[str]):
-    from cl_bidsapp.cli.parser import check_paths
+    from cl_bidsapp.cli.parser import check_output_owner, check_paths
     from cl_bidsapp.hpc.slurm import ArrayPlan, participant_labels
 
     bids_dir, output_dir = args.bids_dir.resolve(), args.output_dir.resolve()
@@ -126,6 +126,7 @@ def make_plan(args, app_args: list[str]):
     if not bids_dir.is_dir():
         raise MissingInputError("the BIDS folder does not exist", path=args.bids_dir)
     check_paths(bids_dir, output_dir, work_dir)
+    check_output_owner(output_dir)
     app_opts = _check_app_args(bids_dir, output_dir, app_args)
     labels = participant_labels(bids_dir, args.participant_label)
     if args.container is not None and args.app_command:

@@ -86,19 +86,13 @@ def participant_labels(bids_dir: Path, requested: Sequence[str] | None = None) -
     UsageError
         A requested label has no ``sub-<label>`` folder, or the dataset has no participants.
     """
+    from cl_bidsapp.cli.parser import read_label_file
+
     present = sorted(p.name[4:] for p in Path(bids_dir).glob("sub-*") if p.is_dir())
     words: list[str] = []
     for value in requested or []:  # a value may be a file with one label per line
         path = Path(value)
-        if path.is_file():
-            try:
-                words.extend(path.read_text(encoding="utf-8").split())
-            except (OSError, UnicodeDecodeError) as exc:
-                raise UsageError(f"cannot read participant labels from this file ({exc})",
-                                 path=path, hint="give a text file with one label per line"
-                                 ) from None
-        else:
-            words.append(value)
+        words.extend(read_label_file(path) if path.is_file() else [value])
     requested = words
     if not requested:
         if not present:

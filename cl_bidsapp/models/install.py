@@ -165,7 +165,11 @@ def _install(source: str, models_dir: Path, staging: Path, name: str | None,
     if target.exists():
         try:
             existing = load_model(target, name=install_name, source="installed", verify=False)
-        except InputDataError:
+        except InputDataError as exc:
+            if not force:
+                raise UsageError(f"the installed copy of {install_name!r} is damaged "
+                                 f"({exc.message})", path=target,
+                                 hint="pass --force to replace it with this model") from None
             existing = None
         if existing is not None and existing.sha256 == model_sha:
             try:
