@@ -13,6 +13,7 @@ PosixPath('/data/out')
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 import uuid
 from dataclasses import dataclass, field
@@ -100,7 +101,11 @@ class Settings:
         """Sections of TOML-ready values (None dropped, paths as strings)."""
         out: dict[str, dict[str, Any]] = {}
         for f in dataclasses.fields(self):
-            value = _to_plain(getattr(self, f.name))
+            value = getattr(self, f.name)
+            if f.name == "bids_filters" and value is not None:
+                # JSON text: a filter's null ("this entity absent") has no TOML form
+                value = json.dumps(value, sort_keys=True)
+            value = _to_plain(value)
             if value is None:
                 continue
             out.setdefault(f.metadata["section"], {})[f.name] = value
@@ -148,4 +153,6 @@ def _from_plain(f: dataclasses.Field, value: Any) -> Any:
         return Path(value)
     if f.name == "derivatives":
         return {k: Path(v) for k, v in value.items()}
+    if f.name == "bids_filters" and isinstance(value, str):
+        return json.loads(value)
     return value

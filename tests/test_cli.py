@@ -243,6 +243,20 @@ def test_a_bad_config_file_is_refused_before_any_work(capsys, dataset, tmp_path,
     assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
 
 
+def test_a_filter_that_drops_an_entity_survives_the_saved_settings(dataset, tmp_path):
+    # README: {"inv1": {"acquisition": null}} selects INV1 images without an acq- entity
+    filters = tmp_path / "filters.json"
+    filters.write_text('{"inv1": {"acquisition": null}, "t1w": {"acquisition": "mprage"}}')
+    s = parse_args([str(dataset), str(tmp_path / "o"), "participant", "--bids-filter-file",
+                    str(filters)])
+    cfg = tmp_path / "saved.toml"
+    cfg.write_text(s.to_toml())            # what each run saves under sub-XX/log/<run-id>/
+    again = parse_args([str(dataset), str(tmp_path / "o"), "participant", "--config-file",
+                        str(cfg)])
+    assert again.bids_filters == {"inv1": {"acquisition": None},
+                                  "t1w": {"acquisition": "mprage"}}
+
+
 def test_config_file_values_are_stored_as_the_flags_store_them(dataset, tmp_path):
     cfg = tmp_path / "settings.toml"
     cfg.write_text('[execution]\nnprocs = "4"\n[segmentation]\nthreshold = "0.5"\n'

@@ -6,6 +6,7 @@ Argument errors exit 64 (usage), never argparse's 2; an unknown analysis level e
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import re
@@ -291,8 +292,6 @@ def check_output_owner(output_dir: Path) -> None:
     cl-bidsapp rewrites ``dataset_description.json`` and adds files at the top of its output
     folder; in a folder another tool made, that would destroy the other tool's metadata.
     """
-    import json
-
     description = output_dir / "dataset_description.json"
     if not description.is_file():
         return
@@ -354,7 +353,7 @@ def _load_config_file(path: Path, parser: argparse.ArgumentParser) -> dict:
 #: Settings with no flag of their own (or a flag that stores another form), as Python types.
 _CONFIG_TYPES: dict[str, tuple[type, ...]] = {
     "bids_dir": (str,), "output_dir": (str,), "analysis_levels": (list,),
-    "bids_filters": (dict,), "derivatives": (dict,), "mem_gb": (int, float),
+    "bids_filters": (dict, str), "derivatives": (dict,), "mem_gb": (int, float),
     "run_id": (str,), "version": (str,), "verbosity": (int,),
 }
 
@@ -412,6 +411,13 @@ def _config_value(key: str, value, action: argparse.Action | None):
             raise ValueError(f"levels are {' and '.join(LEVELS)}")
         if key == "derivatives" and not all(isinstance(v, str) for v in value.values()):
             raise ValueError("expected NAME = \"PATH\" entries")
+        if key == "bids_filters" and isinstance(value, str):   # as a run saves it: JSON text
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ValueError("expected a JSON object, as in a --bids-filter-file") from None
+            if not isinstance(value, dict):
+                raise ValueError("expected a JSON object, as in a --bids-filter-file")
         return value
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         if not isinstance(value, bool):
