@@ -287,3 +287,24 @@ def test_a_damaged_lesion_mask_is_flagged_not_blamed_on_the_reference_nor_mapped
     assert flags == "missing_outputs" and "not evaluated" in reasons
     scores = _tsv(settings.output_dir / "group" / "group_evaluation.tsv")
     assert name not in set(scores["bids_name"]) and len(scores) == len(items) - 1
+
+
+def test_a_second_group_run_on_the_same_folder_meanwhile_stops_with_exit_75(study, tmp_path):
+    import fcntl
+
+    from cl_bidsapp.errors import TemporaryFailure
+    from cl_bidsapp.group.run import LOCK_NAME
+
+    settings, items = _copy_of(study, tmp_path, reference_masks=None)
+    group = settings.output_dir / "group"
+    group.mkdir()
+    with open(group / LOCK_NAME, "a") as running:          # the first run holds the folder
+        fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(TemporaryFailure) as caught:
+            run_group_level(settings, items, {"Name": "phantoms"}, frequency_map=False)
+        assert caught.value.exit_code == 75 and "another group-level run" in str(caught.value)
+        assert sorted(p.name for p in group.iterdir()) == [LOCK_NAME]    # wrote nothing
+        assert (group / LOCK_NAME).exists()               # the first run's lock is left alone
+    (group / LOCK_NAME).unlink()                            # as the first run does at its end
+    assert run_group_level(settings, items, {"Name": "phantoms"}, frequency_map=False) == 0
+    assert not (group / LOCK_NAME).exists()                 # no lock file among the outputs

@@ -16,6 +16,7 @@ stop the rest: everything else is written first, then the error is raised (exit 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ from cl_bidsapp.io import atomic_path
 logger = logging.getLogger(__name__)
 
 GROUP_FOLDER = "group"
+LOCK_NAME = ".cl-bidsapp-group.lock"
 EVALUATION_TABLE = "group_evaluation.tsv"
 EVALUATION_SUMMARY = "group_evaluation_summary.tsv"
 EVALUATION_DOMAINS = "group_evaluation_domains.tsv"
@@ -69,9 +71,9 @@ def run_group_level(settings, items: Sequence, raw_description: dict, *,
         everything else is written, the template is not in the TemplateFlow cache.
     InputDataError
         After everything else is written: reference masks that could not be used (exit 65).
+    TemporaryFailure
+        Another group-level run is writing the same output folder (exit 75).
     """
-    from cl_bidsapp.models.demo import is_phantom_metadata
-
     start = time.monotonic()
     out = Path(settings.output_dir)
     if not any_record(out, items):
@@ -79,6 +81,15 @@ def run_group_level(settings, items: Sequence, raw_description: dict, *,
             "no participant-level outputs here (no sub-*/log/*_record.json)", path=out,
             hint="run the participant level first: cl-bidsapp BIDS_DIR OUTPUT_DIR participant")
     group_dir = out / GROUP_FOLDER
+    with _exclusive(group_dir):
+        return _group_run(settings, items, raw_description, frequency_map, start, out,
+                          group_dir)
+
+
+def _group_run(settings, items, raw_description, frequency_map: bool, start: float, out: Path,
+               group_dir: Path) -> int:
+    from cl_bidsapp.models.demo import is_phantom_metadata
+
     dataset_notes: list[str] = []
     participants = read_participants(settings.bids_dir, dataset_notes)
     summaries = [summarise_image(item, out, participants) for item in items]
@@ -126,7 +137,8 @@ def run_group_level(settings, items: Sequence, raw_description: dict, *,
     _save_figure(group_dir, "group_desc-distributions_plot.png",
                  inputs.figures["distributions"])
     inputs.files = sorted(p.relative_to(out).as_posix() for p in group_dir.glob("*")
-                          if p.is_file() and p.name != REPORT_NAME)
+                          if p.is_file() and p.name != REPORT_NAME
+                          and not p.name.startswith("."))
     write_report(summaries, inputs, group_dir)
     flagged = sum(bool(s.flags) for s in summaries)
     logger.info("Group level finished in %.1f s: %s, %s, %s (%d image(s) flagged, %d lesion "
@@ -136,6 +148,38 @@ def run_group_level(settings, items: Sequence, raw_description: dict, *,
         raise _combined(problems)
     return 0
 
+
+
+@contextlib.contextmanager
+def _exclusive(group_dir: Path):
+    """Hold a lock on ``group/`` for the run: a second group run on the same output folder
+    meanwhile would overwrite and remove this run's files, so it stops at once (exit 75)."""
+    import fcntl
+
+    from cl_bidsapp.errors import TemporaryFailure
+    from cl_bidsapp.io import write_error
+
+    try:
+        group_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(group_dir / LOCK_NAME, "a")
+    except OSError as exc:
+        raise write_error(exc, group_dir, "cannot create files in this folder") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TemporaryFailure("another group-level run is writing this folder now",
+                                   path=group_dir,
+                                   hint="wait for it to finish, then run again") from None
+        except OSError as exc:   # a file system without locks (some NFS mounts): go on
+            logger.debug("no lock on %s (%s)", group_dir, exc)
+        try:
+            yield
+        finally:
+            # removed while still held, so that no output list ever shows it; a run that
+            # opens it in between finds it locked, one that comes later makes a new one
+            with contextlib.suppress(OSError):
+                (group_dir / LOCK_NAME).unlink()
 
 def _evaluate(summaries, reference_dir: Path, out: Path, group_dir: Path, nprocs,
               inputs: ReportInputs) -> CLBidsAppError | None:
