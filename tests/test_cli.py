@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -340,3 +341,19 @@ def test_console_scripts_installed(dataset, tmp_path):
     proc = subprocess.run(["cl-bidsapp", str(dataset), str(tmp_path / "o"), "group2"],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 17 and "Traceback" not in proc.stderr
+
+
+def test_the_validator_installed_with_the_app_is_found_without_an_activated_venv(tmp_path):
+    """README's demo runs .venv/bin/cl-bidsapp without activating the venv: the validator pip
+    installed beside it is not on PATH, and the run must not stop with 'not installed'."""
+    from cl_bidsapp.bids.validation import VALIDATOR
+    from cl_bidsapp.simulate import simulate_dataset
+
+    if not (Path(sys.executable).parent / VALIDATOR).is_file():
+        pytest.skip(f"{VALIDATOR} is not installed in this environment")
+    bids = simulate_dataset(tmp_path / "bids", n_subjects=1, voxel_size=2.0, lesion_mean=1)
+    proc = subprocess.run([sys.executable, "-m", "cl_bidsapp", str(bids), str(tmp_path / "out"),
+                           "participant", "--dry-run"], capture_output=True, text=True,
+                          env={**os.environ, "PATH": "/usr/bin:/bin"}, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "not installed" not in proc.stderr and "sub-01_UNIT1" in proc.stdout

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from cl_bidsapp.errors import ValidationFailed
@@ -42,9 +44,19 @@ def relevant_errors(report: dict, subjects: set[str] | None) -> list[dict]:
             and _relevant(i.get("location"), subjects)]
 
 
+def find_validator() -> str | None:
+    """The validator installed with this Python (pip puts it beside the interpreter, which
+    need not be on ``PATH``: ``.venv/bin/cl-bidsapp`` run without activating the venv), else
+    the first one on ``PATH``."""
+    beside = Path(sys.executable).parent / VALIDATOR
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which(VALIDATOR)
+
+
 def validate(bids_dir: Path, subjects: list[str] | None = None, timeout: float = 600) -> None:
     """Run the validator; raise :class:`ValidationFailed` (exit 16) on relevant errors."""
-    exe = shutil.which(VALIDATOR)
+    exe = find_validator()
     if exe is None:
         raise ValidationFailed(
             f"{VALIDATOR} is not installed, so the dataset cannot be validated",
