@@ -6,6 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO=${CL_DEMO_DIR:-demo}
+mkdir -p "$DEMO"
+DEMO=$(cd "$DEMO" && pwd)   # absolute: a relative or an absolute CL_DEMO_DIR both work below
 
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
@@ -21,7 +23,7 @@ rm -rf "$DEMO/bids"
 # The group level maps lesion frequencies into MNI152NLin2009cAsym and never downloads it. For
 # this offline demo a clearly marked stand-in (nilearn's MNI152) is put in a private TemplateFlow
 # folder; with real data, seed the real template (docs/group.md).
-export TEMPLATEFLOW_HOME=$PWD/$DEMO/templateflow
+export TEMPLATEFLOW_HOME=$DEMO/templateflow
 .venv/bin/python -m cl_bidsapp.hpc.templates seed "$TEMPLATEFLOW_HOME" --source stand-in
 .venv/bin/cl-bidsapp "$DEMO/bids" "$DEMO/out" group -w "$DEMO/work" \
   --reference-masks "$DEMO/bids/derivatives/reference"
