@@ -108,6 +108,11 @@ def _folds(text: str) -> str:
     raise argparse.ArgumentTypeError(f"folds are integers or 'all', got '{text}'")
 
 
+def _folds_setting(values: list[str]) -> list[int] | None:
+    """The settings' folds from checked ``--folds`` values: None (the model's) for 'all'."""
+    return None if "all" in values else sorted({int(f) for f in values})
+
+
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show ``(default: X)`` only where it says something the help text does not."""
 
@@ -440,7 +445,7 @@ def _config_value(key: str, value, action: argparse.Action | None):
             items.append(action.type(str(item)))
     # the forms parse_args gives the flags' values
     if key == "folds":
-        return None if "all" in items else sorted({int(f) for f in items})
+        return _folds_setting(items)
     if key in ("participant_label", "session_label"):
         return _read_labels(items, "sub-" if key == "participant_label" else "ses-")
     return items if many else items[0]
@@ -507,7 +512,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     if opts.derivatives:
         settings.derivatives = _parse_derivatives(opts.derivatives)
     if opts.folds:
-        settings.folds = None if "all" in opts.folds else sorted({int(f) for f in opts.folds})
+        settings.folds = _folds_setting(opts.folds)
     if opts.mem is not None:
         try:
             settings.mem_gb = parse_memory_gb(opts.mem)

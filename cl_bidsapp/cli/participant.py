@@ -266,11 +266,11 @@ def _record_failure(failure: Failure, settings) -> None:
         "crash_file": str(crash_copy.relative_to(settings.output_dir)) if crash_copy else None,
         "inputs": {k: (str(v) if v else None) for k, v in
                    (("image", item.image), ("inv1", item.inv1), ("inv2", item.inv2))},
-        "earlier_outputs": _earlier_outputs(path, settings.output_dir),
+        "earlier_outputs": _outputs_of_earlier_success(path, settings.output_dir),
     })
 
 
-def _earlier_outputs(record: Path, output_dir: Path) -> dict | None:
+def _outputs_of_earlier_success(record: Path, output_dir: Path) -> dict | None:
     """What an earlier successful run left of this image, which this failed run did not
     replace (its derivatives are kept: the failure may be passing, e.g. out of memory)."""
     import json

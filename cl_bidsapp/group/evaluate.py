@@ -144,12 +144,13 @@ def evaluate_image(job: dict[str, Any]) -> dict[str, Any]:
         reference_img = load_image(job["reference"])
     except CLBidsAppError as exc:
         return refuse("reference", str(exc))
+    brain_img = brain_problem = None
     if job.get("brain_mask"):
-        # the participant outputs share one grid: a prediction off it was changed afterwards
         try:
-            brain_img = load_image(job["brain_mask"])
-        except CLBidsAppError:
-            brain_img = None
+            brain_img = load_image(job["brain_mask"])    # read once: grid check, calibration
+        except CLBidsAppError as exc:
+            brain_problem = exc
+        # the participant outputs share one grid: a prediction off it was changed afterwards
         if brain_img is not None and not compare_grids(brain_img, predicted_img)[0]:
             return refuse("prediction", f"prediction {job['prediction']} is not on the grid of "
                                         f"its brain mask {job['brain_mask']}: the participant "
@@ -174,8 +175,10 @@ def evaluate_image(job: dict[str, Any]) -> dict[str, Any]:
     result["brier"] = result["ece"] = float("nan")
     probability = brain = None
     try:
-        if job.get("brain_mask"):
-            brain = np.asarray(load_image(job["brain_mask"]).dataobj).reshape(shape)
+        if brain_problem is not None:
+            raise brain_problem
+        if brain_img is not None:
+            brain = np.asarray(brain_img.dataobj).reshape(shape)
         if job.get("probability"):
             probability = np.asarray(load_image(job["probability"]).dataobj,
                                      dtype=np.float32).reshape(shape)
