@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from cl_bidsapp import __version__
 from cl_bidsapp.cli.run import plan
 from cl_bidsapp.config import Settings
 from cl_bidsapp.errors import InputDataError, MissingInputError
@@ -158,6 +159,7 @@ def test_the_report_is_self_contained_and_shows_everything(finished):
     assert "Evaluation against reference masks" in html and "out-of-domain" in html
     assert "Error analysis: which lesions are found" in html
     assert "<script" not in html and "src=\"http" not in html
+    assert f"Participant level run with cl-bidsapp {__version__};" in html
 
 
 def test_a_rerun_reuses_the_registrations(finished, stand_in_templateflow):

@@ -139,6 +139,30 @@ def test_images_run_with_another_model_or_threshold_are_flagged(tmp_path):
     assert all(flagged[f"sub-{i:02d}_UNIT1"] is None for i in range(1, 5))
 
 
+def test_images_processed_by_another_app_version_or_minimum_size_are_flagged(tmp_path):
+    specs = [(f"sub-{i:02d}_UNIT1", 1, {}) for i in range(1, 5)]
+    specs += [("sub-05_UNIT1", 1, {"software": {"cl-bidsapp": "0.0.9"}}),
+              ("sub-06_UNIT1", 1, {"software": None}),        # written before records had it
+              ("sub-07_UNIT1", 1, {"lesions": {"min_size_voxels": 1}})]
+    summaries = _summaries(tmp_path, specs)
+    flag_run_conditions(summaries, phantom_dataset=True)
+    flagged = {s.bids_name: dict(s.flags).get("different_settings") for s in summaries}
+    assert "cl-bidsapp 0.0.9 while most images used cl-bidsapp " in flagged["sub-05_UNIT1"]
+    assert "did not record its version" in flagged["sub-06_UNIT1"]
+    assert "minimum lesion size: 1 voxels while most images used 3 voxels" in \
+        flagged["sub-07_UNIT1"]
+    assert all(flagged[f"sub-{i:02d}_UNIT1"] is None for i in range(1, 5))
+    assert summaries[0].values["app_version"] == summaries[6].values["app_version"]
+
+
+def test_records_that_all_lack_the_app_version_are_not_flagged(tmp_path):
+    summaries = _summaries(tmp_path, [(f"sub-{i:02d}_UNIT1", 1, {"software": None})
+                                      for i in range(1, 4)])
+    flag_run_conditions(summaries, phantom_dataset=True)
+    assert not any(s.has_flag("different_settings") for s in summaries)
+    assert summaries[0].values["app_version"] is None
+
+
 def test_a_failed_record_is_flagged_with_its_error_and_exit_code(tmp_path):
     item = work_item("sub-01_T1w")
     write_json(record_path(tmp_path, "01", item.bids_name),

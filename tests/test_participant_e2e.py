@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cl_bidsapp import __version__
 from cl_bidsapp.core.lesions import check_lesion_table
 from cl_bidsapp.io import leftover_temporaries
 
@@ -100,6 +101,7 @@ def test_sidecars_and_record_carry_provenance(first_run, tiny_model):
     assert pre["Sources"] == ["bids:raw:sub-01/anat/sub-01_UNIT1.nii.gz"]
     record = json.loads((out / "sub-01/log/sub-01_UNIT1_record.json").read_text())
     assert record["status"] == "ok" and record["masking_method"] == "robust-combination"
+    assert record["software"]["cl-bidsapp"] == __version__ and "nnunetv2" in record["software"]
     assert set(record["seconds"]) == {"prepare", "skullstrip", "model_input", "segment",
                                       "lesions"}
     assert 900 < record["brain"]["brain_volume_ml"] < 2000
@@ -139,5 +141,6 @@ def test_one_broken_subject_does_not_stop_the_other(phantom_2mm, tiny_model, tmp
     assert not (out / "sub-02/anat").exists()
     record = json.loads((out / "sub-02/log/sub-02_UNIT1_record.json").read_text())
     assert record["status"] == "failed" and record["exit_code"] == 65
+    assert record["software"]["cl-bidsapp"] == __version__
     assert (out / record["crash_file"]).is_file()
     assert leftover_temporaries(out) == []

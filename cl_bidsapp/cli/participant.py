@@ -20,7 +20,7 @@ from cl_bidsapp.bids.derivatives import (output_path, save_settings, source_enti
 from cl_bidsapp.bids.discovery import WorkItem
 from cl_bidsapp.core.protocol import mp2rage_protocol_warnings
 from cl_bidsapp.errors import ExitCode, OutputError
-from cl_bidsapp.interfaces.derivatives import record_path
+from cl_bidsapp.interfaces.derivatives import record_path, software_versions
 from cl_bidsapp.io import write_json
 
 LOGGER = logging.getLogger("cl_bidsapp.participant")
@@ -267,6 +267,7 @@ def _record_failure(failure: Failure, settings) -> None:
         "inputs": {k: (str(v) if v else None) for k, v in
                    (("image", item.image), ("inv1", item.inv1), ("inv2", item.inv2))},
         "earlier_outputs": _outputs_of_earlier_success(path, settings.output_dir),
+        "software": software_versions(),
     })
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -154,19 +154,40 @@ def flag_run_conditions(summaries: Sequence[ImageSummary], phantom_dataset: bool
             s.flag("noisy_background_fallback",
                    "brain extraction ran on the UNI image (no INV2 available); its noisy "
                    "background can spoil the brain mask: check it in the subject report")
-    for column, what in (("model_sha256", "model"), ("threshold", "threshold")):
-        values = [s.values.get(column) for s in done if s.values.get(column) is not None]
-        if len(set(values)) < 2:
-            continue
-        usual, _ = Counter(values).most_common(1)[0]
-        shown = {"model_sha256": lambda s: f"{s.values.get('model')} "
-                                           f"(sha256 {str(s.values.get('model_sha256'))[:12]})",
-                 "threshold": lambda s: f"threshold {s.values.get('threshold')}"}[column]
-        example = next(s for s in done if s.values.get(column) == usual)
-        for s in done:
-            if s.values.get(column) not in (None, usual):
-                s.flag("different_settings", f"{what}: {shown(s)} while most images used "
-                                             f"{shown(example)}; do not pool them blindly")
+    _flag_minority(done, "model_sha256", "model",
+                   lambda s: f"{s.values.get('model')} "
+                             f"(sha256 {str(s.values.get('model_sha256'))[:12]})")
+    _flag_minority(done, "threshold", "threshold",
+                   lambda s: f"threshold {s.values.get('threshold')}")
+    _flag_minority(done, "min_lesion_size_voxels", "minimum lesion size",
+                   lambda s: f"{s.values.get('min_lesion_size_voxels')} voxels")
+    if any(s.values.get("app_version") for s in done):
+        # a record without a version was written before records carried one
+        _flag_minority(done, "app_version", "cl-bidsapp version",
+                       lambda s: (f"cl-bidsapp {s.values['app_version']}" if s.values.get("app_version")
+                                  else "a cl-bidsapp that did not record its version"),
+                       missing="")
+
+
+def _flag_minority(done: Sequence[ImageSummary], column: str, what: str,
+                   shown: Callable[[ImageSummary], str], missing: str | None = None) -> None:
+    """Flag ``different_settings`` on the images whose ``column`` differs from most images'.
+
+    Images without a value are left out, or count as the value ``missing`` when it is given.
+    """
+    def value(s):
+        v = s.values.get(column)
+        return missing if v is None else v
+
+    values = [value(s) for s in done if value(s) is not None]
+    if len(set(values)) < 2:
+        return
+    usual, _ = Counter(values).most_common(1)[0]
+    example = next(s for s in done if value(s) == usual)
+    for s in done:
+        if value(s) not in (None, usual):
+            s.flag("different_settings", f"{what}: {shown(s)} while most images used "
+                                         f"{shown(example)}; do not pool them blindly")
 
 
 def flag_outside_domain(summaries: Sequence[ImageSummary]) -> None:

@@ -350,6 +350,7 @@ _COMMON_FIELDS: dict[str, tuple[type | tuple[type, ...], dict[str, Any] | None]]
                      "IsDemo": bool}),
     "settings": (dict, {"threshold": _NUMBER}),
     "masking_method": (str, None),
+    "software": (dict, {"cl-bidsapp": (str, int, float)}),
 }
 #: Read for a failed image only (in the reason shown to the user).
 _FAILED_FIELDS: dict[str, tuple[type | tuple[type, ...], dict[str, Any] | None]] = {
@@ -433,6 +434,8 @@ def _fill_provenance(values: dict, record: dict) -> None:
                                            if model.get(k)))
         values["model_sha256"] = _shared(model.get("SHA256"))
         values["model_is_demo"] = bool(model.get("IsDemo", False))
+    version = (record.get("software") or {}).get("cl-bidsapp")
+    values["app_version"] = _shared(str(version)) if version is not None else None
     settings = record.get("settings") or {}
     values["threshold"] = _number(settings.get("threshold"))
     values["masking_method"] = _shared(record.get("masking_method"))

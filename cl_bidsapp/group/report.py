@@ -90,6 +90,7 @@ def report_context(summaries: Sequence[ImageSummary], inputs: ReportInputs) -> d
             "missing": sum(r["status"] == "missing" for r in rows), "flagged": len(flagged),
             "lesions": inputs.lesion_rows},
         "models": sorted({str(r["model"]) for r in done if r.get("model")}),
+        "app_versions": sorted({str(r["app_version"]) for r in done if r.get("app_version")}),
         "domain_rule": inputs.domain_rule, "banners": banners,
         "dataset_notes": inputs.dataset_notes[:20],
         "figures": {k: base64.b64encode(v).decode("ascii") if v else None

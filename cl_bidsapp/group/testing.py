@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cl_bidsapp import __version__
 from cl_bidsapp.bids.derivatives import output_path, source_entities
 from cl_bidsapp.bids.discovery import WorkItem
 from cl_bidsapp.bids.entities import parse_name
@@ -60,7 +61,8 @@ def record(item, outputs: dict[str, str], *, lesion_count: int, total_volume_mm3
     base = {"bids_name": item.bids_name, "subject": item.subject, "session": item.session,
             "contrast": item.contrast, "rule": item.rule, "status": status,
             "run_id": "test-run", "model": dict(model or FAKE_MODEL),
-            "settings": {"threshold": threshold, "min_lesion_size": "3", "tta": False}}
+            "settings": {"threshold": threshold, "min_lesion_size": "3", "tta": False},
+            "software": {"cl-bidsapp": __version__}}
     if status != "ok":
         return base | {"error": "something went wrong", "exit_code": 65, "crash_file": None}
     return base | {

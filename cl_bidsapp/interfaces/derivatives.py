@@ -205,6 +205,7 @@ class SaveDerivatives(SimpleInterface):
                         "min_size_voxels": int(inputs.min_size_voxels)},
             "warnings": list(dict.fromkeys(warnings)),
             "seconds": seconds,
+            "software": software_versions(),
         }
         if ood:
             record["ood"] = ood
