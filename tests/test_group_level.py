@@ -310,3 +310,51 @@ def test_a_second_group_run_on_the_same_folder_meanwhile_stops_with_exit_75(stud
     (group / LOCK_NAME).unlink()                            # as the first run does at its end
     assert run_group_level(settings, items, {"Name": "phantoms"}, frequency_map=False) == 0
     assert not (group / LOCK_NAME).exists()                 # no lock file among the outputs
+
+
+def test_the_group_lock_follows_a_lock_file_replaced_between_open_and_lock(tmp_path,
+                                                                            monkeypatch):
+    """A run that ends between this run's open and lock removes the file this run locks;
+    the lock must be taken on the file that stands there now, where a third run looks."""
+    import fcntl
+
+    from cl_bidsapp.errors import TemporaryFailure
+    from cl_bidsapp.group import run as group_run
+
+    group = tmp_path / "group"
+    lock = group / group_run.LOCK_NAME
+    real_flock, calls = fcntl.flock, []
+
+    def flock_after_the_other_run_ended(handle, flags):
+        if not calls:                                  # the other run ends, a new file appears
+            lock.unlink()
+            lock.write_text("")
+        calls.append(handle.fileno())
+        return real_flock(handle, flags)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_the_other_run_ended)
+    with group_run._exclusive(group):
+        assert len(calls) == 2                         # locked again, on the new file
+        monkeypatch.setattr(fcntl, "flock", real_flock)
+        with open(lock, "a") as third, pytest.raises(BlockingIOError):
+            fcntl.flock(third, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(TemporaryFailure):
+            with group_run._exclusive(group):
+                pass
+    assert not lock.exists()
+
+
+def test_a_folder_that_cannot_be_locked_warns_and_goes_on(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    from cl_bidsapp.group import run as group_run
+
+    def no_locks(handle, flags):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING"), group_run._exclusive(tmp_path / "group"):
+        pass
+    assert "nothing stops a second group-level run" in caplog.text
+    assert "No locks available" in caplog.text

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -159,27 +160,47 @@ def _exclusive(group_dir: Path):
     from cl_bidsapp.errors import TemporaryFailure
     from cl_bidsapp.io import write_error
 
-    try:
-        group_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(group_dir / LOCK_NAME, "a")
-    except OSError as exc:
-        raise write_error(exc, group_dir, "cannot create files in this folder") from None
-    with handle:
+    lock = group_dir / LOCK_NAME
+    while True:
+        try:
+            group_dir.mkdir(parents=True, exist_ok=True)
+            handle = open(lock, "a")
+        except OSError as exc:
+            raise write_error(exc, group_dir, "cannot create files in this folder") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            handle.close()
             raise TemporaryFailure("another group-level run is writing this folder now",
                                    path=group_dir,
                                    hint="wait for it to finish, then run again") from None
         except OSError as exc:   # a file system without locks (some NFS mounts): go on
-            logger.debug("no lock on %s (%s)", group_dir, exc)
+            logger.warning("cannot lock %s (%s): nothing stops a second group-level run on "
+                           "this output folder from overwriting this one's files meanwhile",
+                           lock, exc.strerror or exc)
+            break
+        # a run that ended between our open and our lock has removed the file we locked:
+        # lock the file that now stands there, or a later run would not see us
+        if _same_file(handle, lock):
+            break
+        handle.close()
+    with handle:
         try:
             yield
         finally:
             # removed while still held, so that no output list ever shows it; a run that
             # opens it in between finds it locked, one that comes later makes a new one
             with contextlib.suppress(OSError):
-                (group_dir / LOCK_NAME).unlink()
+                lock.unlink()
+
+
+def _same_file(handle, path: Path) -> bool:
+    """True when the open ``handle`` is the file at ``path`` (not one removed since)."""
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except OSError:
+        return False
+
 
 def _evaluate(summaries, reference_dir: Path, out: Path, group_dir: Path, nprocs,
               inputs: ReportInputs) -> CLBidsAppError | None:
