@@ -75,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lesion-weight", type=float, default=10.0,
                    help="cross-entropy weight of the lesion class")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where to train and to tune the threshold (cuda: 1 mm phantoms "
+                        "become affordable)")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="recommended threshold when not tuned (card)")
     p.add_argument("--min-size", type=int, default=3,
@@ -208,7 +211,8 @@ def train(args, plans: dict) -> Path:
                                 patch=args.patch, learning_rate=args.lr,
                                 lesion_fraction=args.oversample,
                                 lesion_weight=args.lesion_weight, seed=args.seed,
-                                threads=args.threads, mine_every=args.mine_every)
+                                threads=args.threads, mine_every=args.mine_every,
+                                device=args.device)
     init = None
     if args.init_from:
         import torch
@@ -296,7 +300,7 @@ def tune_postprocessing(args, work: Path) -> dict:
         simulate_dataset(bids, args.n_val, protocols=("3T-MP2RAGE",),
                          voxel_size=args.voxel_size, lesion_mean=args.lesion_mean,
                          lesion_contrast=args.lesion_contrast, seed=seed)
-    predictor = CLPredictor(resolve_model(str(args.out)), device="cpu", tta=True,
+    predictor = CLPredictor(resolve_model(str(args.out)), device=args.device, tta=True,
                             threads=args.threads)
     maps = []
     for image_path, label_path in masked_uni_cases(bids, work / "validation-masked"):
@@ -328,9 +332,18 @@ def calibrate_ood(args, work: Path) -> dict:
 
     model = resolve_model(str(args.out))
     held = work / "validation" if (work / "validation").is_dir() else None
-    return calibrate(model, work / "phantoms", held_out=held, device="cpu",
+    return calibrate(model, work / "phantoms", held_out=held, device=args.device,
                      work_dir=work / "calibrate",
                      app_args=["--nprocs", str(max(1, args.threads)), "--skip-bids-validation"])
+
+
+def _device_name(device: str) -> str:
+    """``cpu``, or ``cuda (<GPU name>)`` for the card's hardware record."""
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(0)})"
+    return device
 
 
 def _last(values):
@@ -385,9 +398,11 @@ def main(argv=None) -> int:
                              f"{args.lesion_weight:g})",
                      "augmentation": "flips on 3 axes, intensity scale/shift/noise in brain",
                      "fold": FOLD, "seed": args.seed},
-        "hardware": {"device": "cpu", "threads": args.threads, "machine": platform.machine(),
+        "hardware": {"device": _device_name(args.device), "threads": args.threads,
+                     "machine": platform.machine(),
                      "processor": platform.processor() or "unknown",
-                     "note": "2 shared cores; other jobs competed for them"},
+                     "note": ("2 shared cores; other jobs competed for them"
+                              if args.device == "cpu" else "one GPU")},
         "software": {"nnunetv2": _version("nnunetv2"), "torch": torch.__version__,
                      "python": platform.python_version()},
         "timings": timings,

@@ -138,3 +138,26 @@ def test_mining_runs_on_schedule_for_fresh_fine_tuned_and_resumed_training(tmp_p
     train_network(arch, toy_cases(), TrainingSettings(iterations=3, batch_size=1, patch=16,
                                                       threads=1), tmp_path / "c.pth")
     assert calls == []
+
+
+def test_training_on_a_gpu_that_is_absent_says_so_before_any_work(tmp_path, monkeypatch):
+    import pytest
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    arch = tiny_plans(patch=(16, 16, 16))["configurations"]["3d_fullres"]["architecture"]
+    settings = TrainingSettings(iterations=2, batch_size=2, patch=16, threads=1,
+                                device="cuda")
+    with pytest.raises(RuntimeError, match="sees no CUDA GPU here; use --device cpu"):
+        train_network(arch, toy_cases(), settings, tmp_path / "checkpoint_latest.pth")
+    assert not (tmp_path / "checkpoint_latest.pth").exists()
+    with pytest.raises(ValueError, match="use cpu or cuda"):
+        train_network(arch, toy_cases(), TrainingSettings(device="tpu"),
+                      tmp_path / "checkpoint_latest.pth")
+
+
+def test_checkpoint_weights_are_saved_on_the_cpu(tmp_path):
+    arch = tiny_plans(patch=(16, 16, 16))["configurations"]["3d_fullres"]["architecture"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = TrainingSettings(iterations=2, batch_size=2, patch=16, threads=1, device=device)
+    state = train_network(arch, toy_cases(), settings, tmp_path / "checkpoint_latest.pth")
+    assert all(w.device.type == "cpu" for w in state["network_weights"].values())

@@ -177,12 +177,30 @@ class TrainingSettings:
     lesion_weight: float = 10.0
     seed: int = 0
     threads: int | None = None
+    #: ``cpu`` or ``cuda`` (a GPU makes 1 mm phantoms affordable: see docs/models.md)
+    device: str = "cpu"
     checkpoint_every: int = 250
     #: predict every training lesion every this many iterations and sample the missed ones
     #: more often (0: never)
     mine_every: int = 0
     history: dict = field(default_factory=lambda: {"iteration": [], "loss": [], "dice": [],
                                                    "seconds": []})
+
+
+def training_device(name: str):
+    """The torch device for ``name`` (``cpu`` or ``cuda``); a clear error when it is absent.
+
+    >>> str(training_device("cpu"))
+    'cpu'
+    """
+    import torch
+
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"training device {name!r}: use cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"training on cuda was asked for, but torch {torch.__version__} "
+                           "sees no CUDA GPU here; use --device cpu")
+    return torch.device(name)
 
 
 def lesion_difficulty(network, sampler: PatchSampler, batch: int = 8) -> np.ndarray:
@@ -196,6 +214,7 @@ def lesion_difficulty(network, sampler: PatchSampler, batch: int = 8) -> np.ndar
     import torch
 
     was_training = network.training
+    device = next(network.parameters()).device
     network.eval()
     out = np.zeros(len(sampler.index))
     with torch.no_grad():
@@ -203,7 +222,7 @@ def lesion_difficulty(network, sampler: PatchSampler, batch: int = 8) -> np.ndar
             chunk = sampler.index[start:start + batch]
             patches = [sampler.lesion_patch(i, k) for i, k in chunk]
             x = torch.from_numpy(np.stack([p[0] for p in patches])[:, None].astype(np.float32))
-            probability = torch.softmax(network(x), 1)[:, 1].numpy()
+            probability = torch.softmax(network(x.to(device)), 1)[:, 1].cpu().numpy()
             for j, (_, own) in enumerate(patches):
                 out[start + j] = 1.0 - float(probability[j][own].max()) if own.any() else 0.0
     network.train(was_training)
@@ -240,20 +259,24 @@ def train_network(architecture: dict, cases, settings: TrainingSettings,
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
+    device = training_device(settings.device)
     torch.manual_seed(settings.seed)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     network = get_network_from_plans(architecture["network_class_name"],
                                      architecture["arch_kwargs"],
                                      architecture["_kw_requires_import"], 1, 2,
-                                     allow_init=True, deep_supervision=False)
+                                     allow_init=True, deep_supervision=False).to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True   # one patch size throughout
     optimizer = torch.optim.AdamW(network.parameters(), lr=settings.learning_rate,
                                   weight_decay=3e-5)
     # Dice over the whole batch and a heavier lesion class in the cross-entropy: with per-patch
     # Dice the many lesion-free patches teach "predict nothing" (a trap nnU-Net escapes with
     # deep supervision and thousands more iterations).
     loss_fn = DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False},
-                             {"weight": torch.tensor([1.0, float(settings.lesion_weight)])},
+                             {"weight": torch.tensor([1.0, float(settings.lesion_weight)],
+                                                     device=device)},
                              weight_ce=1, weight_dice=1, dice_class=MemoryEfficientSoftDiceLoss)
     history, first, state = settings.history, 0, {}
     if resume and Path(checkpoint).is_file():
@@ -283,14 +306,14 @@ def train_network(architecture: dict, cases, settings: TrainingSettings,
         for group in optimizer.param_groups:  # nnU-Net's polynomial decay
             group["lr"] = settings.learning_rate * (1 - iteration / settings.iterations) ** 0.9
         x, y = sampler.batch(settings.batch_size)
-        output = network(torch.from_numpy(x))
-        loss = loss_fn(output, torch.from_numpy(y))
+        output = network(torch.from_numpy(x).to(device, non_blocking=True))
+        loss = loss_fn(output, torch.from_numpy(y).to(device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
         optimizer.step()
         with torch.no_grad():  # hard Dice of the batch: is it finding lesions yet?
-            hit = (output.argmax(1) == 1).numpy()
+            hit = (output.argmax(1) == 1).cpu().numpy()
             dice.append(2 * (hit & (y[:, 0] == 1)).sum() / max(1, hit.sum() + (y == 1).sum()))
         losses.append(loss.item())
         done = iteration + 1
@@ -305,7 +328,9 @@ def train_network(architecture: dict, cases, settings: TrainingSettings,
                         elapsed / max(1, done - first))
             losses, dice = [], []
         if done % settings.checkpoint_every == 0 or done == settings.iterations:
-            state = {"network_weights": network.state_dict(),
+            # weights on the CPU: the checkpoint loads on any machine
+            state = {"network_weights": {k: v.detach().cpu()
+                                         for k, v in network.state_dict().items()},
                      "optimizer_state": optimizer.state_dict(), "iteration": done,
                      "history": history}
             torch.save(state, checkpoint)
