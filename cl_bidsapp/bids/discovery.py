@@ -152,6 +152,30 @@ class _File:
         self.entities = {SHORT_TO_LONG.get(k, k): v for k, v in parsed.items()}
 
 
+#: Entities matched on the file name here, not by pybids: pybids searches its patterns in the
+#: whole absolute path, so a dataset stored below a folder named like ``sub-x`` or ``ses-x``
+#: (``/data/ses-2024/study``, or ``cl-bidsapp .. out`` run inside ``sub-01/``) would give
+#: every file that folder's label.
+_NAME_ENTITIES = ("subject", "session")
+
+
+def _name_matches(value: str | None, wanted: Any) -> bool:
+    """Whether a file-name entity ``value`` satisfies a query value (filter-file semantics).
+
+    >>> _name_matches("01", ["01", "02"]), _name_matches(None, None), _name_matches("1", "*")
+    (True, True, True)
+    >>> _name_matches("03", "01"), _name_matches(None, "*")
+    (False, False)
+    """
+    if wanted is None:
+        return value is None
+    if wanted == _ANY:
+        return value is not None
+    if isinstance(wanted, (list, tuple, set)):
+        return value is not None and value in {str(w) for w in wanted}
+    return value == str(wanted)
+
+
 class _Index:
     """Files of the queries, grouped by (subject, session) for companion lookups."""
 
@@ -166,8 +190,11 @@ class _Index:
         for name, query in queries.items():
             q = dict(query)
             q.update({k: v for k, v in base.items() if k not in q})
+            by_name = {k: q.pop(k) for k in _NAME_ENTITIES if k in q}
             files = [_File(p) for p in sorted(layout.get(return_type="filename",
                                                          **_to_pybids(q)))]
+            files = [f for f in files
+                     if all(_name_matches(f.entities.get(k), v) for k, v in by_name.items())]
             self.by_query[name] = files
             for f in files:
                 key = (name, f.entities.get("subject"), f.entities.get("session"))
@@ -306,6 +333,9 @@ def discover(layout, participant_label: list[str] | None = None,
         except InputDataError as exc:
             item.problem = item.problem or str(exc)
     items.sort(key=lambda it: (it.subject, it.session or "", it.bids_name))
+    from cl_bidsapp.bids.checks import mark_name_clashes
+
+    mark_name_clashes(items)
     return items
 
 
@@ -412,13 +442,32 @@ def check_labels(layout, participant_label: list[str] | None,
                 f"participant label(s) not found in the dataset: {', '.join(missing)}",
                 path=layout.root, hint=f"existing labels: {_short_list(existing)}")
     if session_label:
-        query = {"subject": participant_label} if participant_label else {}
-        existing = sorted(layout.get_sessions(**query))
+        # session folders on disk, not pybids' index: the index holds anatomical images only
+        # (a session with only fMRI would look absent) and reads labels from the whole path
+        subjects = [f"sub-{p}" for p in participant_label] if participant_label else ["sub-*"]
+        existing = sorted({p.name[4:] for s in subjects
+                           for p in Path(layout.root).glob(f"{s}/ses-*") if p.is_dir()})
         missing = sorted(set(session_label) - set(existing))
         if missing:
             raise NoFilesSelected(
                 f"session label(s) not found: {', '.join(missing)}", path=layout.root,
                 hint=f"existing sessions: {_short_list(existing) if existing else 'none'}")
+
+
+def unmatched_selection(items: list[WorkItem], participant_label: list[str] | None,
+                        session_label: list[str] | None) -> tuple[list[str], list[str]]:
+    """Selected participants and sessions that exist but hold no image to segment.
+
+    Returns
+    -------
+    participants, sessions : list of str
+        Labels given on the command line for which the plan has no work item (e.g. a session
+        with only functional or diffusion data).
+    """
+    subjects = {it.subject for it in items}
+    sessions = {it.session for it in items}
+    return ([p for p in participant_label or [] if p not in subjects],
+            [s for s in session_label or [] if s not in sessions])
 
 
 def _short_list(values: list[str], limit: int = 30) -> str:
@@ -450,4 +499,5 @@ def plan_table(items: list[WorkItem], root: Path | None = None) -> str:
 
 
 __all__ = ["WorkItem", "discover", "check_filters", "read_filter_file", "check_labels",
-           "plan_table", "load_spec", "missing_content", "LONG_TO_SHORT"]
+           "plan_table", "load_spec", "missing_content", "unmatched_selection",
+           "LONG_TO_SHORT"]

@@ -58,7 +58,8 @@ def _crash_report(exc: BaseException, settings) -> Path | None:
 
 def plan(settings):
     """Index the dataset, check labels and filters, discover the work items."""
-    from cl_bidsapp.bids.discovery import check_filters, check_labels, discover, missing_content
+    from cl_bidsapp.bids.discovery import (check_filters, check_labels, discover,
+                                           missing_content, unmatched_selection)
     from cl_bidsapp.bids.layout import load_layout
 
     t0 = time.monotonic()
@@ -70,12 +71,24 @@ def plan(settings):
         filters = check_filters(settings.bids_filters, set(layout.get_entities()),
                                 source=settings.bids_filter_file)
     items = discover(layout, settings.participant_label, settings.session_label, filters)
+    empty_subjects, empty_sessions = unmatched_selection(items, settings.participant_label,
+                                                         settings.session_label)
+    selection = "; ".join(text for text in (
+        empty_subjects and f"participant(s) {', '.join(empty_subjects)}",
+        empty_sessions and f"session(s) {', '.join(empty_sessions)}") if text)
     if not items:
-        what = "the BIDS filter file's queries" if filters else "the input queries"
+        what = (f"the BIDS filter file's queries ({settings.bids_filter_file})" if filters
+                else "the input queries")
+        where = f" for the selected {selection}" if selection else ""
         raise NoFilesSelected(
-            f"{what} selected no MP2RAGE UNI (UNIT1) or T1w image", path=settings.bids_dir,
+            f"{what} selected no MP2RAGE UNI (UNIT1) or T1w image{where}",
+            path=settings.bids_dir,
             hint="check --participant-label/--session-label and --bids-filter-file; "
-                 "inputs are anat/*_UNIT1 or anat/*_T1w NIfTI files")
+                 "inputs are anat/*_UNIT1 or anat/*_T1w NIfTI files (sessions or "
+                 "participants with only functional or diffusion data have none)")
+    if selection:
+        LOGGER.warning("No UNIT1 or T1w image for the selected %s: nothing to do there",
+                       selection)
     missing_content(items)
     return layout, items
 
@@ -94,9 +107,11 @@ def run(settings) -> int:
         validate(settings.bids_dir, subjects)
 
     if settings.dry_run:
+        from cl_bidsapp.bids.checks import unreadable_files
         from cl_bidsapp.bids.discovery import plan_table
 
         print(plan_table(items, root=settings.bids_dir))
+        _warn_unreadable(unreadable_files(items), len(items))
         unusable = [it for it in items if it.problem]
         if not unusable or "participant" not in settings.levels:
             return ExitCode.OK    # the group level flags such images and goes on
@@ -147,6 +162,19 @@ def run(settings) -> int:
 
         code = run_group_level(settings, items, raw_description) or code
     return code
+
+
+def _warn_unreadable(found: list, n_items: int, shown: int = 20) -> None:
+    """Say which planned images the real run would refuse at once (the plan reads sidecars
+    only; these files were found empty, truncated or not NIfTI from their headers)."""
+    if not found:
+        return
+    print(f"cl-bidsapp: warning: {len(found)} of {n_items} planned image(s) cannot be read "
+          "and would fail in a real run:", file=sys.stderr)
+    for item, reason in found[:shown]:
+        print(f"  sub-{item.subject} {item.bids_name}: {reason}", file=sys.stderr)
+    if len(found) > shown:
+        print(f"  ... and {len(found) - shown} more", file=sys.stderr)
 
 
 def _written_since(path: Path, started: float) -> bool:
