@@ -20,10 +20,6 @@ from cl_bidsapp.errors import (MissingInputError, OutputError, UnknownLevel, Usa
 
 LEVELS = ("participant", "group")
 
-# Flags that are parsed but whose feature has not landed: running with them fails with exit 64.
-# Each entry: dest -> (flag, what is missing). Remove an entry when its feature lands.
-NOT_AVAILABLE: dict[str, tuple[str, str]] = {}
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse with BIDS-App exit codes instead of SystemExit(2)."""
@@ -543,10 +539,6 @@ def parse_args(argv: list[str] | None = None) -> Settings:
             raise UsageError("the BIDS database folder is inside the BIDS dataset",
                              path=settings.bids_database_dir,
                              hint="keep it outside, e.g. in the work folder")
-    for dest, (flag, missing) in NOT_AVAILABLE.items():
-        if getattr(settings, dest, None) not in (None, False, [], {}):
-            raise UsageError(f"{flag} is not available yet in cl-bidsapp {__version__}: "
-                             f"{missing}")
     return settings
 
 
