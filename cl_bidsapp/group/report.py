@@ -62,12 +62,26 @@ def write_report(summaries: Sequence[ImageSummary], inputs: ReportInputs,
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(_TEMPLATES)),
                              autoescape=True, undefined=jinja2.StrictUndefined)
-    html = env.get_template("group_report.html").render(**report_context(summaries, inputs))
+    html = env.get_template("group_report.html").render(
+        **report_context(summaries, inputs, Path(group_dir).parent))
     return write_text(Path(group_dir) / REPORT_NAME, html)
 
 
-def report_context(summaries: Sequence[ImageSummary], inputs: ReportInputs) -> dict[str, Any]:
-    """The values the template shows (kept apart from rendering so tests can read them)."""
+def report_context(summaries: Sequence[ImageSummary], inputs: ReportInputs,
+                   output_dir: Path | None = None) -> dict[str, Any]:
+    """The values the template shows (kept apart from rendering so tests can read them).
+
+    Parameters
+    ----------
+    summaries : sequence of ImageSummary
+        One per planned image.
+    inputs : ReportInputs
+        Everything else the page shows.
+    output_dir : Path, optional
+        The participant level's output folder: a flagged image that was never processed
+        links to its subject report only when that page exists there. Without it, every
+        flagged image links to its page.
+    """
     rows = [s.values for s in summaries]   # read only: no copies on large datasets
     done = [r for r in rows if r["status"] == "ok"]
     flagged = [s for s in summaries if s.flags]
@@ -82,13 +96,40 @@ def report_context(summaries: Sequence[ImageSummary], inputs: ReportInputs) -> d
                                                                   "different_settings"):
             example = next(r for s in flagged for c, r in s.flags if c == code)
             banners.append(f"{n} of {len(rows)} images: {example}")
+    n_failed = sum(r["status"] == "failed" for r in rows)
+    n_missing = sum(r["status"] == "missing" for r in rows)
+    if rows and not done:
+        banners.insert(0, f"No image was processed: {n_failed} of {len(rows)} failed at the "
+                          f"participant level and {n_missing} have no outputs. There are no "
+                          "lesion counts, evaluation or frequency map to show; the flagged "
+                          "images below say why, and what to do next.")
+    pages: dict[str, bool] = {}
+
+    def page_exists(summary: ImageSummary) -> bool:
+        name = str(summary.values["subject_report"])
+        if output_dir is not None and name not in pages:
+            pages[name] = (Path(output_dir) / name).is_file()
+        return pages.get(name, output_dir is None)
+
+    def page_of(summary: ImageSummary) -> str | None:
+        # the participant level writes a page for every image it ran, failed ones included;
+        # an image it never ran has none, and a link to it would lead nowhere
+        if page_exists(summary) or summary.status == "failed":
+            return f"../{summary.values['subject_report']}"
+        return None
+
+    frequency_missing = inputs.frequency_missing
+    if not done and frequency_missing.startswith("no processed image could be registered"):
+        frequency_missing = "no image was processed, so there is nothing to map."
+    not_evaluated = [s.bids_name for s in summaries
+                     if s.status == "ok" and s.has_flag("missing_outputs")]
     context = {
         "dataset": inputs.dataset, "version": __version__,
         "counts": {
             "planned": len(rows), "subjects": len({r["participant_id"] for r in rows}),
-            "ok": len(done), "failed": sum(r["status"] == "failed" for r in rows),
-            "missing": sum(r["status"] == "missing" for r in rows), "flagged": len(flagged),
-            "lesions": inputs.lesion_rows},
+            "ok": len(done), "failed": n_failed, "missing": n_missing,
+            "flagged": len(flagged),
+            "lesions": inputs.lesion_rows if done else "n/a (no image processed)"},
         "models": sorted({str(r["model"]) for r in done if r.get("model")}),
         "app_versions": sorted({str(r["app_version"]) for r in done if r.get("app_version")}),
         "domain_rule": inputs.domain_rule, "banners": banners,
@@ -98,21 +139,69 @@ def report_context(summaries: Sequence[ImageSummary], inputs: ReportInputs) -> d
         "by_group": _by_group(done),
         "flag_counts": [{"code": c, "n": codes[c], "meaning": levels.get(c, "")}
                         for c in levels if c in codes],
-        "flagged": [{"bids_name": s.bids_name, "status": s.status,
-                     "report": f"../{s.values['subject_report']}", "flags": s.flag_codes,
-                     "reasons": [r for _, r in s.flags]} for s in flagged[:MAX_FLAGGED_ROWS]],
+        "flagged": [{"bids_name": s.bids_name, "status": s.status, "report": page,
+                     "flags": s.flag_codes, "reasons": [r for _, r in s.flags],
+                     "next": next_steps(s, page_exists(s))}
+                    for s, page in ((s, page_of(s)) for s in flagged[:MAX_FLAGGED_ROWS])],
         "flagged_more": max(0, len(flagged) - MAX_FLAGGED_ROWS),
-        "evaluation": _evaluation(inputs),
+        "evaluation": _evaluation(inputs, not_evaluated),
         "error_analysis": inputs.error_analysis,
         "frequency": {"file": inputs.frequency_file, "n_images": inputs.frequency_images,
                       "n_left_out": inputs.frequency_left_out},
-        "frequency_missing": inputs.frequency_missing,
+        "frequency_missing": frequency_missing,
         "ood": _ood(inputs.ood),
         "files": inputs.files,
     }
     context["figures"].setdefault("distributions", None)
     context["figures"].setdefault("frequency", None)
     return context
+
+
+#: What to do about each QC flag; ``{rerun}`` becomes the participant-level command.
+NEXT_STEPS = {
+    "failed": "fix the cause given in the reason ({details}), then {rerun}",
+    "lesion_table_invalid": "the lesion table was edited or damaged: {rerun} to rewrite it",
+    "brain_volume_outlier": "check the brain-mask outline in the subject report",
+    "lesion_count_outlier": "check the lesions in the subject report",
+    "lesion_volume_outlier": "check the lesions in the subject report",
+    "intensity_outlier": "check the input image (sequence, intensity scaling, contrast) and "
+                         "the intensity histogram in the subject report",
+    "demo_model": "install a real model and pass --model; the demo model's lesions on real "
+                  "scans mean nothing",
+    "noisy_background_fallback": "check the brain mask; add the INV2 image if it exists",
+    "different_settings": "rerun these images with the settings of the others, or analyse "
+                          "them apart",
+    "reference_unusable": "check the reference mask named in the reason (file, grid)",
+    "registration_poor": "check the brain mask; the image is left out of the frequency map",
+    "outside_domain": "read its lesions with caution: the model was not trained on such "
+                      "scans",
+}
+
+
+def next_steps(summary: ImageSummary, has_report: bool = True) -> list[str]:
+    """What to do about a flagged image, one sentence per distinct step, in flag order.
+
+    ``has_report`` says whether the subject report exists (a step may point to it).
+    """
+    label = str(summary.values.get("participant_id") or "")
+    label = label[4:] if label.startswith("sub-") else label
+    rerun = ("run the participant level for this subject again (cl-bidsapp BIDS_DIR OUTPUT_DIR "
+             f"participant --participant-label {label})")
+    steps: list[str] = []
+    for code in summary.flag_codes:
+        if code == "missing_outputs":
+            step = (f"{rerun} to remake the missing files" if summary.status == "ok" else
+                    "run the participant level for this subject (cl-bidsapp BIDS_DIR "
+                    f"OUTPUT_DIR participant --participant-label {label})")
+        else:
+            step = NEXT_STEPS.get(code, "see the reason").format(
+                rerun=rerun, details="the subject report shows the error and the end of the "
+                                     "crash file" if has_report else
+                                     "the crash file named there has the details")
+        step = step[0].upper() + step[1:] + "."
+        if step not in steps:
+            steps.append(step)
+    return steps
 
 
 def _ood(block: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -130,7 +219,7 @@ def _by_group(done: list[dict]) -> list[dict[str, Any]]:
         for level in sorted({str(r.get(column) or "n/a") for r in done}):
             part = [r for r in done if str(r.get(column) or "n/a") == level]
             out.append({"grouping": label, "group": level, "n": len(part),
-                        "count": _median_iqr([r.get("lesion_count") for r in part], "{:.0f}"),
+                        "count": _median_iqr([r.get("lesion_count") for r in part], "{:g}"),
                         "volume": _median_iqr([r.get("total_volume_mm3") for r in part],
                                               "{:.1f}")})
     return out
@@ -144,7 +233,8 @@ def _median_iqr(values, fmt: str) -> str:
     return f"{fmt.format(q2)} [{fmt.format(q1)}–{fmt.format(q3)}]"
 
 
-def _evaluation(inputs: ReportInputs) -> dict[str, Any] | None:
+def _evaluation(inputs: ReportInputs, not_evaluated: Sequence[str] = ()
+                ) -> dict[str, Any] | None:
     wide = inputs.evaluation_wide
     if wide is None and not inputs.evaluation_problems:
         return None
@@ -159,7 +249,8 @@ def _evaluation(inputs: ReportInputs) -> dict[str, Any] | None:
     return {"rows": rows, "reference_dir": inputs.reference_dir,
             "n_images": int(wide.loc[wide["group_by"] == "all", "n_scans"].sum())
             if wide is not None and len(wide) else 0,
-            "problems": inputs.evaluation_problems, "no_reference": inputs.no_reference}
+            "problems": inputs.evaluation_problems, "no_reference": inputs.no_reference,
+            "not_evaluated": list(not_evaluated)}
 
 
 def _num(value, fmt: str = "{:.2f}") -> str:

@@ -150,9 +150,9 @@ def methods_paragraphs(records: list[dict[str, Any]], settings=None,
     models = _distinct(_model_words(r.get("model") or {}) for r in ok)
     if not models and flat.get("model"):
         models = [f"\"{flat['model']}\""]
-    folds = _distinct(", ".join(str(f) for f in r.get("folds") or []) for r in ok)
+    folds = _distinct(_folds_words([str(f) for f in r.get("folds") or []]) for r in ok)
     if not folds and flat.get("folds"):
-        folds = [", ".join(str(f) for f in flat["folds"])]
+        folds = [_folds_words([str(f) for f in flat["folds"]])]
     tta = _distinct(bool((r.get("settings") or {}).get("tta", flat.get("tta", True)))
                     for r in ok) or [bool(flat.get("tta", True))]
     devices = _distinct(r.get("device") for r in ok) or _distinct([flat.get("device")])
@@ -160,9 +160,10 @@ def methods_paragraphs(records: list[dict[str, Any]], settings=None,
                          if versions.get(name))
     seg = (f"The masked image was segmented with nnU-Net v2 {_cite('isensee2021', software)}, "
            "3d_fullres configuration" + (f", model {_join(models)}" if models else ""))
-    if folds:
-        seg += f", averaging the probability maps of fold{'s' if ',' in folds[0] else ''} " \
-               f"{' / '.join(folds)}"
+    if len(folds) == 1:
+        seg += f", {folds[0]}"
+    elif folds:
+        seg += f", {' or '.join(folds)} (the folds differed between images)"
     seg += (", with mirroring test-time augmentation" if tta == [True] else
             ", without test-time augmentation" if tta == [False] else
             ", with test-time augmentation for some images only")
@@ -174,12 +175,20 @@ def methods_paragraphs(records: list[dict[str, Any]], settings=None,
                            for r in ok if (r.get("settings") or {}).get("threshold") is not None)
     if not thresholds and flat.get("threshold") is not None:
         thresholds = [_number(flat["threshold"])]
-    sizes = _distinct(str((r.get("lesions") or {}).get("min_size_voxels"))
-                      for r in ok if (r.get("lesions") or {}).get("min_size_voxels"))
+    sizes = _distinct((r.get("lesions") or {}).get("min_size_voxels") for r in ok
+                      if isinstance((r.get("lesions") or {}).get("min_size_voxels"), int))
+    asked = _distinct(str((r.get("settings") or {}).get("min_lesion_size")) for r in ok
+                      if "mm" in str((r.get("settings") or {}).get("min_lesion_size") or ""))
     lesions = ("Lesions were the 26-connected components of the probability map thresholded at "
                f"{' / '.join(thresholds) or 'the model card threshold'}")
-    lesions += (f", keeping components of at least {' / '.join(sizes)} voxels." if sizes
-                else ".")
+    if sizes and max(sizes) <= 1:
+        lesions += ", keeping every component (no minimum lesion size)."
+    elif sizes:
+        lesions += (f", keeping components of at least {' / '.join(str(n) for n in sizes)} "
+                    "voxels" + (f" (from a requested minimum of {' / '.join(asked)})"
+                                if asked else "") + ".")
+    else:
+        lesions += "."
     if any(len(r.get("folds") or []) >= 2 for r in ok):
         lesions += (" Each lesion's fold disagreement (DDU) is one minus the mean, over folds, "
                     "of the best overlap (IoU) between the lesion and that fold's own lesions.")
@@ -224,6 +233,23 @@ def _model_words(model: Mapping[str, Any]) -> str | None:
         return None
     return (f"\"{model['Name']}\" version {model.get('Version', '?')} "
             f"(sha256 {model.get('SHA256', 'unknown')})")
+
+
+def _folds_words(folds: list[str]) -> str:
+    """The ensemble of one image in words.
+
+    >>> _folds_words(["all"])
+    'using the single model trained on all training cases (nnU-Net fold "all")'
+    >>> _folds_words(["2"]), _folds_words(["0", "1"])
+    ('using the fold 2 model alone', 'averaging the probability maps of folds 0, 1')
+    """
+    if not folds:
+        return ""
+    if folds == ["all"]:
+        return 'using the single model trained on all training cases (nnU-Net fold "all")'
+    if len(folds) == 1:
+        return f"using the fold {folds[0]} model alone"
+    return f"averaging the probability maps of folds {', '.join(folds)}"
 
 
 def _device_words(device: str) -> str:

@@ -133,7 +133,8 @@ def mosaic(background_img, contour_img=None, overlay_img=None, *, n_slices: int 
                              ov, overlay_threshold, overlay_range,
                              fills=contour_fills) or scalar
         world = background.world(_panel_centre(box, axis, slices[n]))[axis]
-        panel_label(ax, f"{'xyz'[axis]} = {world:.0f} mm")
+        # a whole number, so that a slice just below 0 reads "0 mm", not "-0 mm"
+        panel_label(ax, f"{'xyz'[axis]} = {int(round(float(world)))} mm")
     header_band(fig, height, title, contours, colours, contour_labels, scalar, overlay_label)
     return figure_bytes(fig, fmt, dpi)
 

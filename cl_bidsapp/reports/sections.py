@@ -29,6 +29,20 @@ MAX_ZOOMS = 12
 MAX_TABLE_ROWS = 500
 _CARRIED = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run")
 _UNREADABLE = (OSError, ValueError, EOFError, zlib.error, nib.filebasedimages.ImageFileError)
+#: What a failed image's exit code means, and what to do about it (README, "Exit codes").
+EXIT_MEANINGS = {
+    1: ("an unexpected error", "read the end of the crash file below; if the cause is not "
+        "clear, report it with the crash file"),
+    64: ("a usage error", "correct the command-line option or configuration value named above"),
+    65: ("bad input data (a corrupt or implausible image, or a model that fails its check)",
+         "replace or repair the file named above"),
+    66: ("a required input is missing", "provide the file named above (for DataLad datasets, "
+         "fetch it with datalad get)"),
+    73: ("the output could not be written", "check that the output folder is writable"),
+    74: ("an input/output error (e.g. a full disk)", "free disk space or fix the storage"),
+    75: ("a temporary failure, usually out of memory", "give the job more memory (--mem) or "
+         "run fewer images at once (--nprocs)"),
+}
 STAGE_NAMES = {"prepare": "input checks", "skullstrip": "brain extraction",
                "model_input": "model input", "segment": "segmentation (nnU-Net)",
                "lesions": "lesions and table"}
@@ -59,6 +73,8 @@ class ImageSection:
     exit_code: int | None = None
     crash_file: str | None = None
     crash_tail: str | None = None
+    next_step: str = ""
+    earlier_note: str = ""
     cards: list[tuple[str, str]] = field(default_factory=list)
     figures: list[Figure] = field(default_factory=list)
     zooms: list[Figure] = field(default_factory=list)
@@ -154,8 +170,12 @@ def image_section(output_dir: Path, record: dict[str, Any], fmt: str = "png") ->
     table_path = output_file(output_dir, record, "lesion_table")
     if table_path is not None:
         table = read_lesion_table(table_path)
+    rerun = (f"run the participant level for sub-{record.get('subject')} again to remake it")
+    named = record.get("outputs") or {}
     if table is None:
-        section.problems.append("the lesion table is missing or unreadable")
+        where = f" ({named['lesion_table']})" if named.get("lesion_table") else ""
+        section.problems.append(f"the lesion table{where} is missing or unreadable: the "
+                                f"lesion count above is the run's record; {rerun}")
     else:
         _table(section, table)
         section.table_file = _rel(output_dir, table_path)
@@ -166,9 +186,13 @@ def image_section(output_dir: Path, record: dict[str, Any], fmt: str = "png") ->
             images[kind] = _load(path)
         except _UNREADABLE as exc:
             images[kind] = None
-            section.problems.append(f"{path.name} cannot be read ({exc})")
+            section.problems.append(f"{path.name} cannot be read ({exc}): the file is damaged; "
+                                    f"{rerun}")
         if path is None:
-            section.problems.append(f"the {kind.replace('_', ' ')} image is missing")
+            what = (f": {named[kind]} was deleted or moved after the run, so its figures are "
+                    f"not shown; {rerun}" if named.get(kind) else
+                    " (the run's record names no such file)")
+            section.problems.append(f"the {kind.replace('_', ' ')} image is missing{what}")
     written = _figures(output_dir, record, section, images, table, fmt)
     _remove_stale_zooms(output_dir, record, written)
     section.provenance = _provenance(output_dir, record, sidecar(
@@ -178,13 +202,15 @@ def image_section(output_dir: Path, record: dict[str, Any], fmt: str = "png") ->
 
 def _failure(output_dir: Path, record: dict[str, Any], section: ImageSection) -> None:
     section.error = str(record.get("error") or "failed without a message")
+    section.exit_code = record.get("exit_code")
+    section.next_step = next_step(record)
     earlier = record.get("earlier_outputs")
     if isinstance(earlier, dict) and earlier.get("files"):
-        section.error += (f" — The {len(earlier['files'])} derivative file(s) of this image in "
-                          f"the output folder are from an earlier run "
-                          f"({earlier.get('run_id')}, finished {earlier.get('finished')}) that "
-                          "succeeded; they may not match the current input or settings.")
-    section.exit_code = record.get("exit_code")
+        section.earlier_note = (
+            f"The {len(earlier['files'])} derivative file(s) of this image in the output folder "
+            f"are from an earlier run ({earlier.get('run_id')}, finished "
+            f"{earlier.get('finished')}) that succeeded; they may not match the current input "
+            "or settings, and this page does not show them. They are listed under Provenance.")
     crash = record.get("crash_file")
     if crash:
         section.crash_file = str(crash)
@@ -193,6 +219,22 @@ def _failure(output_dir: Path, record: dict[str, Any], section: ImageSection) ->
             section.crash_tail = "\n".join(lines[-40:])
         except OSError:
             section.problems.append(f"the crash file {crash} is missing")
+
+
+def next_step(record: dict[str, Any]) -> str:
+    """What to do about a failed image: the exit code in words, then the command to rerun.
+
+    >>> next_step({"subject": "02", "exit_code": 75})  # doctest: +ELLIPSIS
+    'Exit code 75 means a temporary failure, usually out of memory: give the job more ...'
+    >>> next_step({"subject": "02"}).endswith("participant --participant-label 02")
+    True
+    """
+    rerun = ("then run this subject again: cl-bidsapp BIDS_DIR OUTPUT_DIR participant "
+             f"--participant-label {record.get('subject')}")
+    meaning = EXIT_MEANINGS.get(record.get("exit_code"))  # type: ignore[arg-type]
+    if meaning is None:
+        return f"Fix the cause given in the message above, {rerun}"
+    return f"Exit code {record.get('exit_code')} means {meaning[0]}: {meaning[1]}, {rerun}"
 
 
 def _table(section: ImageSection, table) -> None:
@@ -220,9 +262,20 @@ def _table(section: ImageSection, table) -> None:
                 cells.append((_fmt(number, digits.get(key, 2)),
                               "" if math.isnan(number) else repr(number)))
         section.rows.append(cells)
+    notes = []
+    if any(k.startswith("centroid_") for k, _ in section.columns):
+        notes.append("x, y, z: the lesion's centre of mass in the scanner (world, RAS+) "
+                     "coordinates of the source image, in mm; not template (MNI) coordinates.")
+    if "prob_mean" in table:
+        notes.append("Mean p and max p: the model's lesion probability (0 to 1) inside the "
+                     "lesion.")
+    if has_ddu:
+        notes.append("Fold disagreement: 0 when every fold finds exactly this lesion, 1 when "
+                     "no fold finds it.")
     if len(table) > MAX_TABLE_ROWS:
-        section.table_note = (f"The first {MAX_TABLE_ROWS} of {len(table)} lesions are shown; "
-                              "the TSV file lists them all.")
+        notes.append(f"The first {MAX_TABLE_ROWS} of {len(table)} lesions are shown; "
+                     "the TSV file lists them all.")
+    section.table_note = " ".join(notes)
 
 
 def _caption(row) -> str:
@@ -256,24 +309,25 @@ def _figures(output_dir, record, section, images, table, fmt) -> set[Path]:
         if source is not None:
             section.figures.append(keep("brain", "mosaic", fmt, figures.mosaic(
                 source, mask, contour_labels=["brain mask"], fmt=fmt), "Brain extraction",
-                f"The brain mask (cyan outline) on {source_words}. The outline should follow "
-                "the brain surface without cutting cortex or including skull, eyes or dura."))
+                f"The brain mask (cyan outline) on {source_words}, axial slices. The outline "
+                "should follow the brain surface without cutting cortex or including skull, "
+                f"eyes or dura. {ORIENTATION}"))
     if preproc is None:
         return written
     if dseg is not None:
         section.figures.append(keep("lesions", "mosaic", fmt, figures.mosaic(
             preproc, dseg, extent_img=mask, focus_img=dseg, contour_colors=[
                 figures.LESION_COLOUR], contour_labels=["lesions"], contour_fills=[0.45],
-            fmt=fmt), "Lesions",
-            "Detected lesions (red) on the model input. Slices are spread through the brain and "
-            "moved towards lesions where possible; every lesion has a close-up below."))
+            fmt=fmt), "Lesions", lesion_mosaic_caption(
+                None if table is None else len(table), (record.get("lesions") or {}).get(
+                    "count"))))
     if prob is not None:
         section.figures.append(keep("probability", "mosaic", fmt, figures.mosaic(
             preproc, None, prob, extent_img=mask, focus_img=dseg, fmt=fmt,
             overlay_label="CL probability"), "Lesion probability",
-            "The model's cortical-lesion probability (shown where at least 0.05) on the model "
-            f"input; lesions are where it reaches the threshold "
-            f"({(record.get('settings') or {}).get('threshold', '?')})."))
+            "The model's cortical-lesion probability (colour scale 0 to 1, shown where at "
+            f"least 0.05) on the model input, axial slices; {_lesion_rule(record)}. "
+            f"{ORIENTATION}"))
     if dseg is not None and table is not None and len(table):
         shown = table.head(MAX_ZOOMS)
         captions = {int(r["index"]): _caption(r) for _, r in shown.iterrows()}
@@ -304,6 +358,49 @@ def _figures(output_dir, record, section, images, table, fmt) -> set[Path]:
     return written
 
 
+ORIENTATION = ("Neurological convention: the subject's left is on the left of each panel; "
+               "each panel's z is the slice's scanner coordinate in mm.")
+
+
+def lesion_mosaic_caption(n_table: int | None, n_record: Any = None) -> str:
+    """Caption of the lesion mosaic, true to how many lesions there are and how many have a
+    close-up (the table's count, else the record's).
+
+    >>> lesion_mosaic_caption(0).split(".")[0]
+    'No lesion was detected in this image'
+    >>> "the 12 largest of 30 lesions have a close-up" in lesion_mosaic_caption(30)
+    True
+    """
+    n = n_table if n_table is not None else n_record
+    if n == 0:
+        return ("No lesion was detected in this image. The model input is shown on axial "
+                f"slices spread through the brain. {ORIENTATION}")
+    text = ("Detected lesions (red) on the model input, axial slices spread through the brain "
+            "and moved towards lesions where possible")
+    if n_table is None:
+        text += " (the lesion table is missing, so there are no close-ups)"
+    elif n_table > MAX_ZOOMS:
+        text += (f"; the {MAX_ZOOMS} largest of {n_table} lesions have a close-up below, the "
+                 "others are in the table")
+    else:
+        text += "; every lesion has a close-up below"
+    return f"{text}. Small lesions may fall between the slices shown. {ORIENTATION}"
+
+
+def _lesion_rule(record: dict[str, Any]) -> str:
+    """How lesions are made from the probability, with the run's threshold and minimum size.
+
+    >>> _lesion_rule({"settings": {"threshold": 0.6}, "lesions": {"min_size_voxels": 3}})[-50:]
+    'reaches the threshold (0.6) with at least 3 voxels'
+    """
+    threshold = (record.get("settings") or {}).get("threshold", "?")
+    size = (record.get("lesions") or {}).get("min_size_voxels")
+    text = f"lesions are the 26-connected regions where it reaches the threshold ({threshold})"
+    if isinstance(size, int) and size > 1:
+        text += f" with at least {size} voxels"
+    return text
+
+
 def _source_image(record: dict[str, Any]):
     path = (record.get("inputs") or {}).get("image")
     if not path or not Path(path).is_file():
@@ -315,11 +412,14 @@ def _source_image(record: dict[str, Any]):
 
 
 def _remove_stale_zooms(output_dir: Path, record: dict[str, Any], written: set[Path]) -> None:
-    """Close-ups of lesions that a rerun no longer finds must not linger beside the new ones."""
+    """Figures this build did not draw must not linger beside the new ones: close-ups of
+    lesions a rerun no longer finds, and mosaics of derivatives deleted since (a reader of
+    ``sub-XX/figures/`` would take them for the current results)."""
     probe = figure_path(output_dir, record, "X", "zoom", "png")
     prefix = probe.name[: -len("_desc-X_zoom.png")]
-    pattern = re.compile(re.escape(prefix) + r"_desc-CL\d+_zoom\.(png|svg)$")
-    for path in probe.parent.glob(f"{prefix}_desc-*_zoom.*"):
+    pattern = re.compile(re.escape(prefix) + r"_desc-(CL\d+_zoom|brain_mosaic|lesions_mosaic|"
+                         r"probability_mosaic|intensity_histogram)\.(png|svg)$")
+    for path in probe.parent.glob(f"{prefix}_desc-*"):
         if pattern.match(path.name) and path not in written:
             path.unlink(missing_ok=True)
 
@@ -372,4 +472,10 @@ def _provenance(output_dir: Path, record: dict[str, Any],
         exists = (Path(output_dir) / rel).is_file()
         add((f"output {kind.replace('_', ' ')}", rel if exists else f"{rel} (missing)",
              rel if exists else None))
+    earlier = record.get("earlier_outputs")
+    if record.get("status") != "ok" and isinstance(earlier, dict):
+        for rel in earlier.get("files") or []:
+            exists = (Path(output_dir) / str(rel)).is_file()
+            add((f"output of run {earlier.get('run_id')}",
+                 str(rel) if exists else f"{rel} (missing)", str(rel) if exists else None))
     return rows
