@@ -95,6 +95,25 @@ def ood_block(summaries: Sequence[ImageSummary], evaluation_tsv: Path | None = N
             "figure": ood_figure(scored, thresholds, f1)}
 
 
+def _spearman_words(rho: float, n: int) -> str:
+    """What the correlation of OOD score with F1 says, by its sign and the number of images.
+
+    >>> _spearman_words(-0.6, 40)
+    'negative: here, images further from the training scans scored lower F1'
+    >>> _spearman_words(0.4, 4)  # doctest: +ELLIPSIS
+    'not negative: here, ... lower F1; with 4 images this is very uncertain'
+    """
+    if not np.isfinite(rho):
+        return "not defined: every image has the same score or the same F1"
+    words = ("negative: here, images further from the training scans scored lower F1"
+             if rho < 0 else
+             "not negative: here, images further from the training scans did not score "
+             "lower F1")
+    if n < 10:
+        words += f"; with {n} images this is very uncertain"
+    return words
+
+
 def _f1_lines(scored: Sequence[ImageSummary], f1: dict[str, float]) -> list[str]:
     pairs = [(float(s.values["ood_score"]), f1[s.bids_name], s.values.get("ood_verdict"))
              for s in scored if s.bids_name in f1]
@@ -102,8 +121,7 @@ def _f1_lines(scored: Sequence[ImageSummary], f1: dict[str, float]) -> list[str]
         return []
     rho = spearman([p[0] for p in pairs], [p[1] for p in pairs])
     lines = [f"Spearman correlation of the OOD score with lesion-wise F1 over {len(pairs)} "
-             f"evaluated image(s): {_fmt(rho)} (negative: images further from the training "
-             "scans lose F1)."]
+             f"evaluated image(s): {_fmt(rho)} ({_spearman_words(rho, len(pairs))})."]
     inside = [p[1] for p in pairs if p[2] == "inside"]
     outside = [p[1] for p in pairs if p[2] == "outside"]
     if inside and outside:
