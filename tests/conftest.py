@@ -56,3 +56,22 @@ def tiny_model(tmp_path_factory) -> Path:
 
     return make_tiny_model(tmp_path_factory.mktemp("models"), folds=(0, 1),
                            patch=(32, 32, 32), features=(4, 8, 16))
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Undo what a test's in-process run changed in the environment.
+
+    ``cl-bidsapp`` called in-process (``cl_bidsapp.cli.run.main``) points TMPDIR and the
+    caches into its work folder, as it should in a real process; without this, later tests in
+    the same worker would inherit a deleted test's folder (Chromium, for one, fails on the
+    long socket path under it).
+    """
+    import tempfile
+
+    saved, saved_tempdir = dict(os.environ), tempfile.tempdir
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+    tempfile.tempdir = saved_tempdir
