@@ -75,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lesion-weight", type=float, default=10.0,
                    help="cross-entropy weight of the lesion class")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--nprocs", type=int, default=1,
+                   help="processes for simulating and preprocessing phantoms (about 1.3 GB "
+                        "each at 1 mm)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where to train and to tune the threshold (cuda: 1 mm phantoms "
                         "become affordable)")
@@ -118,7 +121,8 @@ def simulate_cases(work: Path, args) -> list[tuple[Path, Path]]:
     if not bids.is_dir():
         simulate_dataset(bids, args.n_train, protocols=("3T-MP2RAGE",),
                          voxel_size=args.voxel_size, lesion_mean=args.lesion_mean,
-                         lesion_contrast=args.lesion_contrast, seed=args.seed)
+                         lesion_contrast=args.lesion_contrast, seed=args.seed,
+                         nprocs=args.nprocs)
     return masked_uni_cases(bids, work / "masked")
 
 
@@ -184,14 +188,15 @@ def plan_and_preprocess(args) -> dict:
 
     pre = Path(os.environ["nnUNet_preprocessed"]) / DATASET_NAME
     if not (pre / "nnUNetPlans.json").exists():
-        extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=True)
+        extract_fingerprints([DATASET_ID], num_processes=args.nprocs,
+                             check_dataset_integrity=True)
         plan_experiments([DATASET_ID])
     plans = small_plans(json.loads((pre / "nnUNetPlans.json").read_text()), args)
     (pre / f"{PLANS_NAME}.json").write_text(json.dumps(plans, indent=2))
     # preprocessed data depend on spacing and normalisation only, not on the network
     if not (pre / plans["configurations"][CONFIGURATION]["data_identifier"]).is_dir():
         preprocess([DATASET_ID], plans_identifier=PLANS_NAME, configurations=(CONFIGURATION,),
-                   num_processes=(1,))
+                   num_processes=(args.nprocs,))
     return plans
 
 
@@ -299,7 +304,7 @@ def tune_postprocessing(args, work: Path) -> dict:
     if not bids.is_dir():
         simulate_dataset(bids, args.n_val, protocols=("3T-MP2RAGE",),
                          voxel_size=args.voxel_size, lesion_mean=args.lesion_mean,
-                         lesion_contrast=args.lesion_contrast, seed=seed)
+                         lesion_contrast=args.lesion_contrast, seed=seed, nprocs=args.nprocs)
     predictor = CLPredictor(resolve_model(str(args.out)), device=args.device, tta=True,
                             threads=args.threads)
     maps = []

@@ -114,6 +114,14 @@ def test_same_seed_same_bytes_other_seed_other_data(dataset, tmp_path):
     assert (other / "sub-01/anat/sub-01_UNIT1.nii.gz").read_bytes() != first.read_bytes()
 
 
+def test_sessions_simulated_in_parallel_give_the_same_bytes(dataset, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="cl_bidsapp.simulate.dataset"):
+        parallel = simulate_dataset(tmp_path / "parallel", **ARGS, nprocs=2)
+    assert _digest(parallel) == _digest(dataset)
+    assert "[4/4]" in caplog.text                     # progress counts every session
+    assert not list(parallel.glob(".simulating-*"))
+
+
 def test_bids_validator_accepts_the_dataset(dataset):
     exe = shutil.which("bids-validator-deno")
     if exe is None:
@@ -189,6 +197,7 @@ def test_a_folder_that_takes_no_new_file_is_refused_before_anything_is_deleted(
     ({"n_subjects": 0}, "n-subjects"),
     ({"voxel_size": 0.1}, "voxel-size"),
     ({"lesion_contrast": -1}, "lesion-contrast"),
+    ({"nprocs": 0}, "nprocs"),
 ])
 def test_bad_arguments_are_usage_errors(tmp_path, kwargs, message):
     with pytest.raises(UsageError, match=message):

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lesion-volume-scale", type=float, default=1.0, metavar="X",
                         help="multiply lesion volumes (3-300 mm^3 by default); at 2 mm most "
                              "lesions are 3 voxels unless this is raised")
+    parser.add_argument("--nprocs", type=int, default=1, metavar="N",
+                        help="sessions simulated at once, one process each (about 1.3 GB of "
+                             "memory each at 1 mm; default 1)")
     _add_common(parser)
     return parser
 
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             out = simulate_dataset(args.out_dir, args.n_subjects, args.n_sessions, protocols,
                                    args.voxel_size, args.lesion_mean, args.lesion_contrast,
                                    args.noise, args.seed, args.leukocortical_fraction,
-                                   args.lesion_volume_scale)
+                                   args.lesion_volume_scale, nprocs=args.nprocs)
     except CLBidsAppError as err:
         print(f"cl-bidsapp-simulate: error: {err}", file=sys.stderr)
         return int(err.exit_code)
