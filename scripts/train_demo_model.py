@@ -359,7 +359,14 @@ def _last(values):
 def main(argv=None) -> int:
     from cl_bidsapp.models.card import sha256_file
 
+    from cl_bidsapp.models.training import training_device
+
     args = parse_args(argv)
+    try:  # before any phantom is simulated
+        training_device(args.device)
+    except RuntimeError as exc:
+        print(f"train_demo_model.py: error: {exc}", file=sys.stderr)
+        return 2
     # hashed now, before anything is trained, for the card
     args.init_sha256 = sha256_file(args.init_from) if args.init_from else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

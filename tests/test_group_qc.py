@@ -143,7 +143,9 @@ def test_images_processed_by_another_app_version_or_minimum_size_are_flagged(tmp
     specs = [(f"sub-{i:02d}_UNIT1", 1, {}) for i in range(1, 5)]
     specs += [("sub-05_UNIT1", 1, {"software": {"cl-bidsapp": "0.0.9"}}),
               ("sub-06_UNIT1", 1, {"software": None}),        # written before records had it
-              ("sub-07_UNIT1", 1, {"lesions": {"min_size_voxels": 1}})]
+              ("sub-07_UNIT1", 1, {"settings": {"min_lesion_size": "1"}}),
+              # 10 mm3 gives other voxel counts at other voxel sizes: not a different setting
+              ("sub-08_UNIT1", 1, {"lesions": {"min_size_voxels": 2}})]
     summaries = _summaries(tmp_path, specs)
     flag_run_conditions(summaries, phantom_dataset=True)
     flagged = {s.bids_name: dict(s.flags).get("different_settings") for s in summaries}
@@ -151,7 +153,7 @@ def test_images_processed_by_another_app_version_or_minimum_size_are_flagged(tmp
     assert "did not record its version" in flagged["sub-06_UNIT1"]
     assert "minimum lesion size: 1 voxels while most images used 3 voxels" in \
         flagged["sub-07_UNIT1"]
-    assert all(flagged[f"sub-{i:02d}_UNIT1"] is None for i in range(1, 5))
+    assert all(flagged[f"sub-{i:02d}_UNIT1"] is None for i in (1, 2, 3, 4, 8))
     assert summaries[0].values["app_version"] == summaries[6].values["app_version"]
 
 

@@ -106,8 +106,9 @@ def test_images_whose_outputs_clash_are_refused_with_a_filter_that_works(tmp_pat
     assert len(clashing) == 2
     assert all("same file names" in it.problem for it in clashing)
     assert not [it for it in items if it.subject == "02"][0].problem
-    example = clashing[0].problem.split("e.g. ", 1)[1]
-    filters = check_filters(json.loads(example), set(layout.get_entities()))
+    assert all("--participant-label 01 --bids-filter-file" in it.problem for it in clashing)
+    example, _ = json.JSONDecoder().raw_decode(clashing[0].problem.split("e.g. ", 1)[1])
+    filters = check_filters(example, set(layout.get_entities()))
     kept = [it for it in discover(layout, ["01"], filters=filters)]
     assert [it.image.name for it in kept] == [keep] and not kept[0].problem
 

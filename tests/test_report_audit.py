@@ -115,6 +115,8 @@ def test_a_failed_image_gets_the_meaning_of_its_exit_code_and_a_next_step(phanto
     text = _text(build_subject_report(out, "02").read_text())
     assert "Next step:" in text
     assert "Exit code 75 means a temporary failure, usually out of memory" in text
+    assert "set --mem to the memory really available" in text
+    assert "more memory (--mem)" not in text
     assert "--mem" in text and "participant --participant-label 02" in text
 
 

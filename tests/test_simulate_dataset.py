@@ -122,6 +122,17 @@ def test_sessions_simulated_in_parallel_give_the_same_bytes(dataset, tmp_path, c
     assert not list(parallel.glob(".simulating-*"))
 
 
+def test_a_simulation_process_that_dies_is_a_temporary_failure_not_a_traceback():
+    import os
+
+    from cl_bidsapp.errors import TemporaryFailure
+    from cl_bidsapp.simulate.dataset import _run_jobs
+
+    with pytest.raises(TemporaryFailure, match="most likely out of memory") as caught:
+        list(_run_jobs([3, 3], 2, work=os._exit))      # each worker exits at once, as if killed
+    assert caught.value.exit_code == 75 and "lower --nprocs (now 2" in str(caught.value)
+
+
 def test_bids_validator_accepts_the_dataset(dataset):
     exe = shutil.which("bids-validator-deno")
     if exe is None:

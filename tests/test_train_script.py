@@ -41,3 +41,17 @@ def test_the_training_script_makes_a_model_the_app_accepts(tmp_path):
     from cl_bidsapp.models.registry import resolve_model
 
     assert resolve_model(str(out)).card["name"] == card["name"]
+
+
+def test_asking_for_a_gpu_that_is_absent_stops_before_any_work(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present here")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train_demo_model.py"), "--work",
+         str(tmp_path / "work"), "--device", "cuda"],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2
+    assert "sees no CUDA GPU here; use --device cpu" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "work").exists()

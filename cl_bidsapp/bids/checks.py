@@ -74,7 +74,11 @@ def mark_name_clashes(items: list[WorkItem]) -> None:
             continue
         example = _clash_filter(group)
         if example is not None:
-            how = f"keep one with --bids-filter-file, e.g. {example}"
+            # a filter applies to every subject: alone, it would drop the other subjects'
+            # images that lack the entity it names (e.g. every T1w without an echo-)
+            how = (f"process this subject on its own, keeping one image with a filter file: "
+                   f"--participant-label {group[0].subject} --bids-filter-file FILE, FILE "
+                   f"holding e.g. {example} (a filter applies to every selected subject)")
         else:
             how = ('segment them in separate runs with different output folders, selecting '
                    'each kind with --bids-filter-file (e.g. {"t1w": {"suffix": null}} '

@@ -77,8 +77,9 @@ def plan(settings):
         empty_subjects and f"participant(s) {', '.join(empty_subjects)}",
         empty_sessions and f"session(s) {', '.join(empty_sessions)}") if text)
     if not items:
-        what = (f"the BIDS filter file's queries ({settings.bids_filter_file})" if filters
-                else "the input queries")
+        what = ("the input queries" if not filters else
+                f"the BIDS filter file's queries ({settings.bids_filter_file})"
+                if settings.bids_filter_file else "the configuration file's bids_filters")
         where = f" for the selected {selection}" if selection else ""
         raise NoFilesSelected(
             f"{what} selected no MP2RAGE UNI (UNIT1) or T1w image{where}",

@@ -159,14 +159,20 @@ def flag_run_conditions(summaries: Sequence[ImageSummary], phantom_dataset: bool
                              f"(sha256 {str(s.values.get('model_sha256'))[:12]})")
     _flag_minority(done, "threshold", "threshold",
                    lambda s: f"threshold {s.values.get('threshold')}")
-    _flag_minority(done, "min_lesion_size_voxels", "minimum lesion size",
-                   lambda s: f"{s.values.get('min_lesion_size_voxels')} voxels")
+    _flag_minority(done, "min_lesion_size", "minimum lesion size",
+                   lambda s: _size_words(s.values.get("min_lesion_size")))
     if any(s.values.get("app_version") for s in done):
         # a record without a version was written before records carried one
         _flag_minority(done, "app_version", "cl-bidsapp version",
                        lambda s: (f"cl-bidsapp {s.values['app_version']}" if s.values.get("app_version")
                                   else "a cl-bidsapp that did not record its version"),
                        missing="")
+
+
+def _size_words(asked) -> str:
+    """A minimum lesion size as asked: ``"3"`` -> ``3 voxels``, ``"10mm3"`` -> ``10 mm3``."""
+    text = str(asked)
+    return f"{text} voxels" if text.isdigit() else text.replace("mm3", " mm3")
 
 
 def _flag_minority(done: Sequence[ImageSummary], column: str, what: str,

@@ -438,6 +438,10 @@ def _fill_provenance(values: dict, record: dict) -> None:
     values["app_version"] = _shared(str(version)) if version is not None else None
     settings = record.get("settings") or {}
     values["threshold"] = _number(settings.get("threshold"))
+    # as asked (e.g. "3" or "10mm3"); the voxel count differs between voxel sizes
+    asked = settings.get("min_lesion_size")
+    values["min_lesion_size"] = (_shared(str(asked)) if isinstance(asked, (str, int, float))
+                                 and not isinstance(asked, bool) else None)
     values["masking_method"] = _shared(record.get("masking_method"))
 
 

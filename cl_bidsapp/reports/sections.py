@@ -34,14 +34,17 @@ EXIT_MEANINGS = {
     1: ("an unexpected error", "read the end of the crash file below; if the cause is not "
         "clear, report it with the crash file"),
     64: ("a usage error", "correct the command-line option or configuration value named above"),
-    65: ("bad input data (a corrupt or implausible image, or a model that fails its check)",
-         "replace or repair the file named above"),
+    65: ("bad input data (a corrupt or implausible image, images that cannot be told apart, "
+         "or a model that fails its check)",
+         "follow the hint in the message above, or replace or repair the file it names"),
     66: ("a required input is missing", "provide the file named above (for DataLad datasets, "
          "fetch it with datalad get)"),
     73: ("the output could not be written", "check that the output folder is writable"),
     74: ("an input/output error (e.g. a full disk)", "free disk space or fix the storage"),
-    75: ("a temporary failure, usually out of memory", "give the job more memory (--mem) or "
-         "run fewer images at once (--nprocs)"),
+    75: ("a temporary failure, usually out of memory",
+         "follow the hint in the message above; for memory: set --mem to the memory really "
+         "available, run fewer images at once (--nprocs 1), or use --device cpu when GPU memory "
+         "is the limit"),
 }
 STAGE_NAMES = {"prepare": "input checks", "skullstrip": "brain extraction",
                "model_input": "model input", "segment": "segmentation (nnU-Net)",
@@ -225,7 +228,7 @@ def next_step(record: dict[str, Any]) -> str:
     """What to do about a failed image: the exit code in words, then the command to rerun.
 
     >>> next_step({"subject": "02", "exit_code": 75})  # doctest: +ELLIPSIS
-    'Exit code 75 means a temporary failure, usually out of memory: give the job more ...'
+    'Exit code 75 means a temporary failure, usually out of memory: follow the hint ...'
     >>> next_step({"subject": "02"}).endswith("participant --participant-label 02")
     True
     """

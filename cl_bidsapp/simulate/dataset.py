@@ -30,7 +30,7 @@ import nibabel as nib
 import numpy as np
 
 from cl_bidsapp import __version__
-from cl_bidsapp.errors import OutputError, UsageError
+from cl_bidsapp.errors import OutputError, TemporaryFailure, UsageError
 from cl_bidsapp.io import save_nifti, write_error, write_json, write_text
 from cl_bidsapp.simulate.phantom import lesion_rows, simulate_session
 from cl_bidsapp.simulate.protocols import PROTOCOLS, get_protocol
@@ -170,21 +170,27 @@ def _simulate_job(job) -> tuple:
     return subject, ses, protocol.name, len(phantom.lesions)
 
 
-def _run_jobs(jobs: list, nprocs: int):
-    """Yield the result of each job as it finishes: in this process, or in ``nprocs``."""
+def _run_jobs(jobs: list, nprocs: int, work=_simulate_job):
+    """Yield ``work(job)`` for each job as it finishes: in this process, or in ``nprocs``."""
     if nprocs <= 1 or len(jobs) <= 1:
-        yield from map(_simulate_job, jobs)
+        yield from map(work, jobs)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
     # spawn: workers start clean, whatever threads (torch, BLAS) the caller has running
     pool = ProcessPoolExecutor(min(nprocs, len(jobs)),
                                mp_context=multiprocessing.get_context("spawn"))
     try:
-        futures = [pool.submit(_simulate_job, job) for job in jobs]
+        futures = [pool.submit(work, job) for job in jobs]
         for future in as_completed(futures):
             yield future.result()
+    except BrokenProcessPool:
+        raise TemporaryFailure(
+            "a simulation process died (most likely out of memory)",
+            hint=f"lower --nprocs (now {nprocs}; each process needs about 1.3 GB at 1 mm)"
+        ) from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
