@@ -161,7 +161,7 @@ def _exclusive(group_dir: Path):
     from cl_bidsapp.io import write_error
 
     lock = group_dir / LOCK_NAME
-    while True:
+    for attempt in range(5):   # a file system whose stat and fstat disagree must not loop
         try:
             group_dir.mkdir(parents=True, exist_ok=True)
             handle = open(lock, "a")
@@ -181,7 +181,7 @@ def _exclusive(group_dir: Path):
             break
         # a run that ended between our open and our lock has removed the file we locked:
         # lock the file that now stands there, or a later run would not see us
-        if _same_file(handle, lock):
+        if _same_file(handle, lock) or attempt == 4:
             break
         handle.close()
     with handle:
