@@ -183,16 +183,17 @@ def next_steps(summary: ImageSummary, has_report: bool = True) -> list[str]:
 
     ``has_report`` says whether the subject report exists (a step may point to it).
     """
+    from cl_bidsapp.reports.sections import participant_command
+
     label = str(summary.values.get("participant_id") or "")
     label = label[4:] if label.startswith("sub-") else label
-    rerun = ("run the participant level for this subject again (cl-bidsapp BIDS_DIR OUTPUT_DIR "
-             f"participant --participant-label {label})")
+    command = participant_command(label)
+    rerun = f"run the participant level for this subject again ({command})"
     steps: list[str] = []
     for code in summary.flag_codes:
         if code == "missing_outputs":
             step = (f"{rerun} to remake the missing files" if summary.status == "ok" else
-                    "run the participant level for this subject (cl-bidsapp BIDS_DIR "
-                    f"OUTPUT_DIR participant --participant-label {label})")
+                    f"run the participant level for this subject ({command})")
         else:
             step = NEXT_STEPS.get(code, "see the reason").format(
                 rerun=rerun, details="the subject report shows the error and the end of the "

@@ -7,6 +7,7 @@ status, warnings, timings per stage, brain statistics, lesion count and volume.
 """
 from __future__ import annotations
 
+import functools
 import platform
 import shutil
 from datetime import datetime, timezone
@@ -40,6 +41,13 @@ def bids_uri(path: str | Path | None, bids_dir: Path) -> str | None:
 
 
 def software_versions() -> dict[str, str]:
+    """Versions of cl-bidsapp, Python and the libraries that shape the results (a copy)."""
+    return dict(_software_versions())
+
+
+@functools.cache
+def _software_versions() -> dict[str, str]:
+    # read once per process: every image's sidecars and record carry it
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"cl-bidsapp": __version__, "python": platform.python_version()}

@@ -224,6 +224,15 @@ def _failure(output_dir: Path, record: dict[str, Any], section: ImageSection) ->
             section.problems.append(f"the crash file {crash} is missing")
 
 
+def participant_command(label: Any) -> str:
+    """The participant-level command for one subject, as reports tell users to run it.
+
+    >>> participant_command("02")
+    'cl-bidsapp BIDS_DIR OUTPUT_DIR participant --participant-label 02'
+    """
+    return f"cl-bidsapp BIDS_DIR OUTPUT_DIR participant --participant-label {label}"
+
+
 def next_step(record: dict[str, Any]) -> str:
     """What to do about a failed image: the exit code in words, then the command to rerun.
 
@@ -232,8 +241,7 @@ def next_step(record: dict[str, Any]) -> str:
     >>> next_step({"subject": "02"}).endswith("participant --participant-label 02")
     True
     """
-    rerun = ("then run this subject again: cl-bidsapp BIDS_DIR OUTPUT_DIR participant "
-             f"--participant-label {record.get('subject')}")
+    rerun = f"then run this subject again: {participant_command(record.get('subject'))}"
     meaning = EXIT_MEANINGS.get(record.get("exit_code"))  # type: ignore[arg-type]
     if meaning is None:
         return f"Fix the cause given in the message above, {rerun}"
